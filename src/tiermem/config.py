@@ -1,0 +1,211 @@
+"""Configuration: one frozen, validated pydantic model with every default in one place.
+
+`KVCacheConfig()` is pure defaults. `KVCacheConfig.from_env()` reads `TIERMEM_<FIELD>`
+variables and `KVCacheConfig.from_toml(path)` a TOML file (environment wins over the file).
+Nested values (snapshot strategy, scoring weights, KV shape) are JSON in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TIERMEM_"
+
+
+class _Model(BaseModel):
+    """Frozen, strict about unknown keys, and failing with `ConfigError`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from exc
+
+
+class NoSnapshots(_Model):
+    """Never snapshot preserved entries."""
+
+    kind: Literal["none"] = "none"
+
+
+class FullSnapshots(_Model):
+    """Snapshot the preserved entries at every clear."""
+
+    kind: Literal["full"] = "full"
+    interval_conversations: int = Field(default=4, ge=1)
+
+
+class IncrementalSnapshots(_Model):
+    """Snapshot only at conversation-limit clears; keep `max_snapshots` per session."""
+
+    kind: Literal["incremental"] = "incremental"
+    interval_conversations: int = Field(default=4, ge=1)
+    max_snapshots: int = Field(default=4, ge=1)
+
+
+class AdaptiveSnapshots(_Model):
+    """Snapshot at every clear, but only entries at or above `min_importance_threshold`."""
+
+    kind: Literal["adaptive"] = "adaptive"
+    min_importance_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
+    max_snapshots: int = Field(default=4, ge=1)
+
+
+SnapshotStrategy = Annotated[
+    NoSnapshots | FullSnapshots | IncrementalSnapshots | AdaptiveSnapshots,
+    Field(discriminator="kind"),
+]
+
+
+class ScoringWeights(_Model):
+    """Weights of the importance score's parts and the engagement dynamics."""
+
+    recency: float = Field(default=0.2, ge=0.0)
+    access: float = Field(default=0.05, ge=0.0)
+    content: float = Field(default=0.55, ge=0.0)
+    size: float = Field(default=0.05, ge=0.0)
+    engagement: float = Field(default=0.15, ge=0.0)
+    recency_half_life_messages: float = Field(default=12.0, gt=0.0)
+    engagement_boost: float = Field(default=0.5, ge=0.0, le=1.0)
+    engagement_decay: float = Field(default=0.9, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> ScoringWeights:
+        if self.recency + self.access + self.content + self.size + self.engagement <= 0:
+            raise ValueError("at least one scoring weight must be positive")
+        return self
+
+
+class KVShape(_Model):
+    """The attention shape that sizes the KV cache: bytes per token = 2*L*H_kv*D*dtype."""
+
+    n_layers: int = Field(ge=1)
+    n_kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    dtype_bytes: float = Field(default=2.0, gt=0.0)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return int(2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype_bytes)
+
+
+class KVCacheConfig(_Model):
+    """Everything tiermem can be told; the defaults port the seed design."""
+
+
+    enabled: bool = True
+    # clear decision
+    clear_after_conversations: int = Field(default=16, ge=1)
+    memory_threshold_percent: float = Field(default=0.6, gt=0.0, le=1.0)
+    max_cache_entries: int = Field(default=1000, ge=1)
+    max_cache_bytes: int | None = Field(default=None, ge=1)
+    kv_shape: KVShape | None = None
+    context_window_tokens: int | None = Field(default=None, ge=16)
+    # preservation and snapshots
+    min_importance_to_preserve: float = Field(default=0.7, ge=0.0, le=1.0)
+    preserve_system_prompts: bool = True
+    preserve_code_entries: bool = True
+    snapshot_strategy: SnapshotStrategy = Field(default_factory=IncrementalSnapshots)
+    scoring: ScoringWeights = Field(default_factory=ScoringWeights)
+    # retrieval
+    retrieval_enabled: bool = True
+    retrieve_always: bool = False
+    retrieval_mode: Literal["hybrid", "escalating"] = "hybrid"
+    retrieval_limit: int = Field(default=20, ge=1, le=1000)
+    retrieval_candidates: int = Field(default=50, ge=1, le=5000)
+    vector_weight: float = Field(default=0.6, ge=0.0, le=1.0)
+    # bridges and summaries
+    bridge_enabled: bool = True
+    summarizer_enabled: bool = True
+    summarizer_context_tokens: int = Field(default=2048, ge=256)
+    summary_timeout_seconds: float = Field(default=180.0, gt=0.0)
+    # models
+    generate_cache_embeddings: bool = True
+    embedding_model: str | None = None
+    embedding_batch_size: int = Field(default=64, ge=1)
+    llm_model_path: str | None = None
+    llm_threads: int | None = Field(default=None, ge=1)
+    # sessions and storage
+    max_bytes_per_session: int | None = Field(default=None, ge=1)
+    max_bytes_total: int | None = Field(default=None, ge=1)
+    max_sessions: int | None = Field(default=None, ge=1)
+    max_entries_per_session: int = Field(default=10_000, ge=1)
+    idle_eviction_seconds: float = Field(default=3600.0, gt=0.0)
+    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    busy_timeout_ms: int = Field(default=10_000, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KVCacheConfig:
+        per, total = self.max_bytes_per_session, self.max_bytes_total
+        if per is not None and total is not None and per > total:
+            raise ValueError(
+                f"max_bytes_per_session ({per}) must not exceed max_bytes_total ({total})"
+            )
+        return self
+
+    @classmethod
+    def build(cls, **values: Any) -> KVCacheConfig:
+        """Validate `values` into a config, raising `ConfigError` with every problem listed."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from exc
+
+    def replace(self, **changes: Any) -> KVCacheConfig:
+        """A validated copy with `changes` applied."""
+        return type(self).build(**{**self.model_dump(), **changes})
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None
+    ) -> KVCacheConfig:
+        """Defaults (or `base`), overridden by `TIERMEM_<FIELD>` variables."""
+        env = os.environ if environ is None else environ
+        values = dict(base or {})
+        for key, raw in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in cls.model_fields:
+                raise ConfigError(f"unknown setting {key} (no field {name!r})")
+            values[name] = _parse_env_value(raw)
+        return cls.build(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, environ: Mapping[str, str] | None = None) -> KVCacheConfig:
+        """Values from a TOML file (top level or a `[tiermem]` table), then the environment."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        table = data.get("tiermem", data)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [tiermem] must be a table")
+        return cls.from_env(environ, base=table)
+
+
+def _parse_env_value(raw: str) -> Any:
+    """JSON where it parses (numbers, booleans, objects), the plain string otherwise."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid tiermem config: " + "; ".join(parts)

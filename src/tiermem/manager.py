@@ -1,0 +1,970 @@
+"""KVCacheManager: the public entry point that runs the memory loop for every session.
+
+Per session it keeps the active cache in memory, stores every message (tier 3), decides
+when to clear (turn count, KV memory threshold, entry count), preserves and snapshots what
+matters (tier 2), keeps the cumulative summary, and searches the three tiers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import psutil
+
+from . import bridge, text
+from .cache import ActiveCache, CacheEntry, entry_type
+from .config import (
+    AdaptiveSnapshots,
+    FullSnapshots,
+    IncrementalSnapshots,
+    KVCacheConfig,
+    KVShape,
+)
+from .embedder import Embedder, SentenceTransformerEmbedder
+from .errors import (
+    ConfigError,
+    InvalidInputError,
+    ManagerClosedError,
+    ModelError,
+    NotFoundError,
+    TierMemError,
+)
+from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
+from .retrieval import EMBED_MAX_CHARS, Retriever
+from .scoring import ImportanceScorer
+from .statistics import CacheStatistics
+from .store import MessageRow, NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
+from .summarizer import LLMSummarizer, Summarizer, TokenCounter, TranscriptLine
+from .types import (
+    CacheClearResult,
+    CacheProcessingResult,
+    CacheStatisticsExport,
+    ClearReason,
+    MaintenanceResult,
+    ManagerStatus,
+    Message,
+    PreservedEntry,
+    RestoreResult,
+    RetrievalResult,
+    RetrievedEntry,
+    SessionCacheState,
+    SessionSummary,
+    SnapshotInfo,
+    StoredMessage,
+)
+
+DEFAULT_NAMESPACE = "default"
+# Used only when neither a GGUF nor `kv_shape` says otherwise: a typical 8B model
+# (32 layers, 8 KV heads of 128, f16), so byte figures stay realistic.
+FALLBACK_KV_SHAPE = KVShape(n_layers=32, n_kv_heads=8, head_dim=128, dtype_bytes=2)
+MIN_SUMMARY_MESSAGES = 4
+SUMMARY_MAX_MESSAGES = 256
+INGEST_BATCH = 256
+_RETRIEVE_HINT = re.compile(r"\b(explain|how to|what is|what's)\b", re.IGNORECASE)
+_IMMUTABLE_FIELDS = ("embedding_model", "llm_model_path", "summarizer_context_tokens")
+
+
+class HeuristicTokenCounter:
+    """About four bytes of UTF-8 per token; used when no GGUF vocabulary is available."""
+
+    def count(self, texts: list[str]) -> list[int]:
+        return [max(1, math.ceil(len(t.encode("utf-8", "surrogatepass")) / 4)) for t in texts]
+
+    def truncate(self, text_: str, max_tokens: int) -> str:
+        return text_[: max_tokens * 4]
+
+
+@dataclass(slots=True)
+class _Session:
+    key: int
+    session_id: str
+    namespace: str
+    state: StateRow
+    summary: SummaryRow | None
+    cache: ActiveCache = field(default_factory=ActiveCache)
+    last_activity: float = 0.0
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+class KVCacheManager:
+    """Tiered memory for chat sessions. Open with `await KVCacheManager.open(path)`."""
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        config: KVCacheConfig,
+        embedder: Embedder,
+        summarizer: Summarizer | None,
+        tokens: TokenCounter,
+        kv_shape: KVShape,
+        context_tokens: int | None,
+        clock: Callable[[], float] = time.time,
+        closers: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._embedder = embedder
+        self._summarizer = summarizer
+        self._tokens = tokens
+        self._kv_shape = kv_shape
+        self._context_tokens = context_tokens
+        self._clock = clock
+        self._closers = list(closers)
+        self._scorer = ImportanceScorer(config.scoring)
+        self._retriever = self._make_retriever()
+        self._stats = CacheStatistics()
+        self._sessions: dict[tuple[str, str], _Session] = {}
+        self._session_locks: dict[tuple[str, str], anyio.Lock] = {}
+        self._closed = False
+        self._peak_bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path = "tiermem.db",
+        config: KVCacheConfig | None = None,
+        *,
+        embedder: Embedder | None = None,
+        summarizer: Summarizer | None = None,
+        tokenizer: TokenCounter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> KVCacheManager:
+        """Open the database at `path` (created and migrated if new) with the given models.
+
+        Unset models default to the bundled ones; the GGUF is checked now (its vocabulary
+        and shape are read), so a missing or corrupt model fails here, not at a later turn.
+        """
+        config = config or KVCacheConfig()
+        closers: list[Callable[[], None]] = []
+        if embedder is None:
+            st = SentenceTransformerEmbedder(config.embedding_model, config.embedding_batch_size)
+            closers.append(st.close)
+            embedder = st
+        vocab: LlamaTokenizer | None = None
+        needs_llm = summarizer is None and config.summarizer_enabled
+        if tokenizer is None or needs_llm or (config.kv_shape is None and not tokenizer):
+            try:
+                gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
+                vocab = await anyio.to_thread.run_sync(LlamaTokenizer, gguf)
+            except ModelError:
+                if needs_llm or config.llm_model_path:
+                    raise
+        if needs_llm:
+            assert vocab is not None
+            chat = LlamaChat(vocab.path, config.summarizer_context_tokens, config.llm_threads)
+            closers.append(chat.close)
+            summarizer = LLMSummarizer(chat, vocab, config.summary_timeout_seconds)
+        tokens: TokenCounter = tokenizer or vocab or HeuristicTokenCounter()
+        shape = config.kv_shape or (vocab.kv_shape() if vocab else None) or FALLBACK_KV_SHAPE
+        context = config.context_window_tokens or (vocab.context_length() if vocab else None)
+        store = await SQLiteStore.open(
+            path, embedder.model_name, embedder.dimensions, config.busy_timeout_ms
+        )
+        return cls(store, config, embedder, summarizer, tokens, shape, context, clock, closers)
+
+    async def __aenter__(self) -> KVCacheManager:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush every session's state, then close the database and the models."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            try:
+                for session in list(self._sessions.values()):
+                    await self._store.save_state(session.key, self._state_of(session))
+            finally:
+                self._sessions.clear()
+                await self._store.close()
+                for close in self._closers:
+                    close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(
+                "KVCacheManager was not closed; use `async with` or `await aclose()`",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError("this KVCacheManager is closed")
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def config(self) -> KVCacheConfig:
+        return self._config
+
+    def update_config(self, config: KVCacheConfig | None = None, **changes: Any) -> KVCacheConfig:
+        """Replace the config (or change some fields). Model choices cannot change live."""
+        new = config if config is not None else self._config.replace(**changes)
+        for name in _IMMUTABLE_FIELDS:
+            if getattr(new, name) != getattr(self._config, name):
+                raise ConfigError(f"{name} cannot change while the manager is open")
+        self._config = new
+        self._scorer = ImportanceScorer(new.scoring)
+        self._retriever = self._make_retriever()
+        return new
+
+    def _make_retriever(self) -> Retriever:
+        c = self._config
+        embedder = self._embedder if c.generate_cache_embeddings else None
+        return Retriever(
+            self._store, embedder, c.retrieval_mode, c.retrieval_candidates, c.vector_weight
+        )
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def context_capacity(self) -> int | None:
+        """Tokens in the model's context window (None when no model says)."""
+        return self._context_tokens
+
+    def max_cache_bytes(self) -> int:
+        """The KV bytes the memory threshold is measured against."""
+        if self._config.max_cache_bytes:
+            return self._config.max_cache_bytes
+        if self._context_tokens:
+            return self._context_tokens * self._kv_shape.bytes_per_token
+        available = psutil.virtual_memory().available // 4
+        return int(min(max(available, 256 * 2**20), 8 * 2**30))
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def _lock_for(self, ident: tuple[str, str]) -> anyio.Lock:
+        lock = self._session_locks.get(ident)
+        if lock is None:
+            lock = self._session_locks[ident] = anyio.Lock()
+        return lock
+
+    async def _session(self, session_id: str, namespace: str, create: bool) -> _Session:
+        """The session in memory, rebuilt from the database if it left memory."""
+        _check_name("session_id", session_id)
+        _check_name("namespace", namespace)
+        ident = (namespace, session_id)
+        session = self._sessions.get(ident)
+        if session is not None:
+            self._hits += 1
+            return session
+        key = await self._store.session_key(namespace, session_id)
+        if key is None:
+            if not create:
+                raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
+            key = await self._store.create_session(namespace, session_id)
+        else:
+            self._misses += 1
+        state = await self._store.load_state(key)
+        session = _Session(key, session_id, namespace, state, await self._store.summary(key))
+        rows = await self._store.messages_by_rowid(state.pinned or [])
+        rows += await self._store.messages_after(key, state.cleared_through)
+        session.cache.add(await self._entries(rows))
+        for entry in session.cache.entries:
+            access, engagement = (state.entry_stats or {}).get(str(entry.rowid), (0, 0.0))
+            entry.access_count, entry.engagement = int(access), float(engagement)
+        session.last_activity = self._clock()
+        self._sessions[ident] = session
+        return session
+
+    async def _entries(self, rows: Sequence[MessageRow]) -> list[CacheEntry]:
+        vectors: Mapping[int, Any] = {}
+        if self._config.generate_cache_embeddings:
+            vectors = await self._store.message_vectors([r.rowid for r in rows])
+        return self._make_entries(rows, vectors)
+
+    def _make_entries(
+        self, rows: Sequence[MessageRow], vectors: Mapping[int, Any]
+    ) -> list[CacheEntry]:
+        per_token = self._kv_shape.bytes_per_token
+        return [
+            CacheEntry(
+                rowid=r.rowid,
+                message_id=r.message_id,
+                position=r.position,
+                role=r.role,
+                content=r.content,
+                created_at=r.created_at,
+                token_count=r.token_count,
+                kv_bytes=r.token_count * per_token,
+                entry_type=entry_type(r.role, r.content),
+                vector=vectors.get(r.rowid),
+            )
+            for r in rows
+        ]
+
+    def _state_of(self, session: _Session) -> StateRow:
+        """The persistent state, with the current entry statistics."""
+        state = session.state
+        state.entry_stats = {
+            str(e.rowid): [e.access_count, round(e.engagement, 4)]
+            for e in session.cache.entries
+            if e.access_count or e.engagement > 1e-3
+        }
+        return state
+
+    # -- storing messages ------------------------------------------------------------------
+
+    async def _new_messages(
+        self, session: _Session, messages: Sequence[Message]
+    ) -> list[tuple[Message, str]]:
+        """The messages not stored yet, with their content hashes.
+
+        A list that starts with the stored conversation is the whole conversation (only its
+        tail is new); otherwise every message is new unless its id is already stored.
+        """
+        hashes = [text.content_hash(m.role, m.content) for m in messages]
+        n = session.state.message_count
+        if n and len(messages) >= n:
+            digest = ""
+            for i in range(n):
+                own_id = messages[i].id or _derived_id(session.session_id, i)
+                digest = text.chain_digest(digest, own_id, hashes[i])
+            if digest == session.state.prefix_digest:
+                return list(zip(messages[n:], hashes[n:], strict=True))
+        seen: set[str] = set()
+        for m in messages:
+            if m.id is not None:
+                if m.id in seen:
+                    raise InvalidInputError(f"message id {m.id!r} appears twice in one call")
+                seen.add(m.id)
+        existing = await self._store.existing_ids(session.key, sorted(seen))
+        out = []
+        for m, h in zip(messages, hashes, strict=True):
+            if m.id is not None and m.id in existing:
+                if existing[m.id] != h:
+                    raise InvalidInputError(
+                        f"message id {m.id!r} is already stored with other content"
+                    )
+                continue
+            out.append((m, h))
+        return out
+
+    async def _store_messages(
+        self,
+        session: _Session,
+        fresh: Sequence[tuple[Message, str]],
+        state: StateRow,
+    ) -> list[CacheEntry]:
+        """Count tokens, embed, and store `fresh` with `state` in one transaction."""
+        if not fresh:
+            await self._store.save_state(session.key, state)
+            return []
+        contents = [m.content for m, _ in fresh]
+        counts = await anyio.to_thread.run_sync(self._tokens.count, contents)
+        vectors = None
+        if self._config.generate_cache_embeddings:
+            vectors = await self._embedder.embed([c[:EMBED_MAX_CHARS] for c in contents])
+            if vectors.shape != (len(contents), self._store.dimensions):
+                raise ModelError(
+                    f"embedder returned shape {vectors.shape}, expected "
+                    f"({len(contents)}, {self._store.dimensions})"
+                )
+        now = self._clock()
+        rows, digest, position = [], state.prefix_digest, state.message_count
+        for (m, h), tokens in zip(fresh, counts, strict=True):
+            message_id = m.id or _derived_id(session.session_id, position)
+            digest = text.chain_digest(digest, message_id, h)
+            created = m.created_at.timestamp() if m.created_at else now
+            meta = json.dumps(dict(m.metadata), default=str) if m.metadata else None
+            rows.append(
+                NewMessage(position, message_id, m.role, m.content, h, meta, created, tokens)
+            )
+            position += 1
+        state.prefix_digest, state.message_count = digest, position
+        rowids = await self._store.append_messages(session.key, rows, vectors, state)
+        stored = [
+            MessageRow(rid, r.position, r.message_id, r.role, r.content, r.created_at,
+                       r.token_count, r.metadata)
+            for rid, r in zip(rowids, rows, strict=True)
+        ]
+        by_rowid = {} if vectors is None else dict(zip(rowids, vectors, strict=True))
+        return self._make_entries(stored, by_rowid)
+
+    def _validate(self, messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise InvalidInputError("messages must be a list of Message")
+        out = []
+        for m in messages:
+            if isinstance(m, Mapping):
+                m = Message(**m)
+            if not isinstance(m, Message):
+                raise InvalidInputError(f"expected a Message, got {type(m).__name__}")
+            _check_text("message content", m.content, self._config.max_message_bytes)
+            out.append(m)
+        return out
+
+    # -- the turn --------------------------------------------------------------------------
+
+    async def process_conversation(
+        self,
+        session_id: str,
+        messages: Sequence[Message | Mapping[str, Any]],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> CacheProcessingResult:
+        """Record one conversation turn: store what is new, clear if due, retrieve if asked.
+
+        `messages` may be the whole conversation so far or only the new messages; messages
+        already stored are not stored again.
+        """
+        self._check_open()
+        checked = self._validate(messages)
+        async with self._lock_for((namespace, session_id)):
+            session = await self._session(session_id, namespace, create=True)
+            fresh = await self._new_messages(session, checked)
+            state = session.state
+            turns_before = state.conversation_count
+            state.conversation_count = turns_before + 1
+            entries = await self._store_messages(session, fresh, state)
+            session.last_activity = self._clock()
+            self._scorer.decay(session.cache.entries)
+            session.cache.add(entries)
+            self._note_peak()
+
+            reason = self._clear_reason(session, turns_before)
+            clear_result = await self._clear(session, reason) if reason else None
+            bridges: list[str] = []
+            if clear_result is not None:
+                bridges.append(clear_result.bridge_message)
+            elif session.summary is not None and state.clear_count > 0:
+                bridges.append(bridge.prior_summary_bridge(session.summary.text))
+
+            retrieval = None
+            query = self._retrieval_query([m for m, _ in fresh])
+            if query is not None:
+                retrieval = await self._retrieve(
+                    session, query, self._config.retrieval_limit, {e.rowid for e in entries}
+                )
+                if retrieval.entries and retrieval.bridge_message:
+                    bridges.append(retrieval.bridge_message)
+            if not self._config.bridge_enabled:
+                bridges = []
+            return CacheProcessingResult(
+                should_clear_cache=clear_result is not None,
+                clear_result=clear_result,
+                should_retrieve=bool(retrieval and retrieval.entries),
+                retrieval_result=retrieval,
+                bridge_messages=bridges,
+                updated_session_state=self._public_state(session),
+                stored_message_ids=[e.message_id for e in entries],
+            )
+
+    async def ingest(
+        self,
+        session_id: str,
+        messages: Sequence[Message | Mapping[str, Any]],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        batch_size: int = INGEST_BATCH,
+    ) -> int:
+        """Bulk-import existing history into tier 3, in batches; returns how many were new.
+
+        Imported messages are stored, indexed and embedded, but do not count as turns, are
+        not retrieved for, and do not enter the active cache.
+        """
+        self._check_open()
+        checked = self._validate(messages)
+        if batch_size < 1:
+            raise InvalidInputError("batch_size must be at least 1")
+        async with self._lock_for((namespace, session_id)):
+            session = await self._session(session_id, namespace, create=True)
+            fresh = await self._new_messages(session, checked)
+            for start in range(0, len(fresh), batch_size):
+                state = session.state
+                state.cleared_through = state.message_count + min(
+                    batch_size, len(fresh) - start
+                ) - 1
+                state.pinned = session.cache.rowids()
+                await self._store_messages(session, fresh[start : start + batch_size], state)
+            session.last_activity = self._clock()
+            return len(fresh)
+
+    def _clear_reason(self, session: _Session, turns_before: int) -> ClearReason | None:
+        c = self._config
+        if not c.enabled:
+            return None
+        if turns_before + 1 >= c.clear_after_conversations:
+            return ClearReason.CONVERSATION_LIMIT
+        if session.cache.kv_bytes / self.max_cache_bytes() >= c.memory_threshold_percent:
+            return ClearReason.MEMORY_THRESHOLD
+        if len(session.cache.entries) > c.max_cache_entries:
+            return ClearReason.ENTRY_LIMIT
+        return None
+
+    def _retrieval_query(self, fresh: Sequence[Message]) -> str | None:
+        if not self._config.retrieval_enabled:
+            return None
+        last_user = next((m for m in reversed(fresh) if m.role == "user"), None)
+        if last_user is None or not last_user.content.strip():
+            return None
+        content = last_user.content
+        wanted = (
+            self._config.retrieve_always
+            or "?" in content
+            or len(content) > 100
+            or "```" in content
+            or _RETRIEVE_HINT.search(content) is not None
+        )
+        return content if wanted else None
+
+    # -- clearing --------------------------------------------------------------------------
+
+    async def _clear(self, session: _Session, reason: ClearReason) -> CacheClearResult:
+        c = self._config
+        entries = session.cache.entries
+        self._scorer.rescore(entries)
+        keep = [
+            e
+            for e in entries
+            if e.importance >= c.min_importance_to_preserve
+            or (c.preserve_system_prompts and e.entry_type == "system_prompt")
+            or (c.preserve_code_entries and e.entry_type == "code")
+        ]
+        snapshot = self._snapshot_plan(reason, keep)
+        summary, summary_error = await self._update_summary(session)
+
+        state = session.state
+        state.clear_count += 1
+        state.conversation_count = 0
+        state.cleared_through = state.message_count - 1
+        state.pinned = [e.rowid for e in keep]
+        state.last_cleared_at = self._clock()
+        session.cache.entries = keep
+        vectors = {e.rowid: e.vector for e in keep if e.vector is not None}
+        snapshot_id = await self._store.save_clear(
+            session.key, self._state_of(session), snapshot, vectors
+        )
+        if summary is not None:
+            await self._store.save_summary(session.key, summary)
+            session.summary = summary
+
+        keywords = text.top_keywords(e.content for e in keep if e.entry_type != "system_prompt")
+        cleared = len(entries) - len(keep)
+        if summary is not None or (summary_error is None and session.summary is not None):
+            assert session.summary is not None
+            message = bridge.summary_bridge(session.summary.text)
+        else:
+            message = bridge.clear_bridge(cleared, len(keep), keywords)
+        self._stats.record_clear(len(entries), len(keep), reason.value, session.session_id)
+        if snapshot_id is not None and snapshot is not None:
+            self._stats.record_snapshot(snapshot_id, len(snapshot[2]), session.session_id)
+        return CacheClearResult(
+            entries_to_keep=[
+                PreservedEntry(e.message_id, e.role, e.content, e.importance, e.entry_type)
+                for e in keep
+            ],
+            entries_cleared=cleared,
+            bridge_message=message,
+            snapshot_id=snapshot_id,
+            preserved_keywords=keywords,
+            clear_reason=reason,
+            summary=_public_summary(summary) if summary else None,
+            summary_error=summary_error,
+        )
+
+    def _snapshot_plan(
+        self, reason: ClearReason, keep: Sequence[CacheEntry]
+    ) -> tuple[str, str, list[SnapshotEntryRow]] | None:
+        strategy = self._config.snapshot_strategy
+        if isinstance(strategy, IncrementalSnapshots):
+            chosen = list(keep) if reason == ClearReason.CONVERSATION_LIMIT else []
+        elif isinstance(strategy, FullSnapshots):
+            chosen = list(keep)
+        elif isinstance(strategy, AdaptiveSnapshots):
+            chosen = [e for e in keep if e.importance >= strategy.min_importance_threshold]
+        else:
+            chosen = []
+        if not chosen:
+            return None
+        rows = [SnapshotEntryRow(e.rowid, e.importance, e.entry_type, e.kv_bytes) for e in chosen]
+        return reason.value, strategy.kind, rows
+
+    async def _update_summary(self, session: _Session) -> tuple[SummaryRow | None, str | None]:
+        """The new cumulative summary (prior summary + messages since), or why there is none.
+
+        Failing never loses anything: the span stays uncovered and the next clear takes it in.
+        """
+        if self._summarizer is None:
+            return None, "no summarizer configured"
+        prior = session.summary
+        covered = prior.covered_through if prior else -1
+        newest = session.state.message_count - 1
+        if newest - covered < MIN_SUMMARY_MESSAGES:
+            return None, None
+        first = max(covered, newest - SUMMARY_MAX_MESSAGES)
+        rows = await self._store.messages_between(session.key, first, newest)
+        lines = [TranscriptLine(r.role, r.content) for r in rows if r.content.strip()]
+        try:
+            result = await self._summarizer.summarize(prior.text if prior else None, lines)
+        except TierMemError as exc:
+            return None, str(exc)
+        return (
+            SummaryRow(
+                text=result.text,
+                token_count=result.token_count,
+                message_count=(prior.message_count if prior else 0) + newest - covered,
+                clear_count=session.state.clear_count + 1,
+                covered_through=newest,
+                updated_at=self._clock(),
+            ),
+            None,
+        )
+
+    async def clear_cache(
+        self,
+        session_id: str,
+        reason: ClearReason | str = ClearReason.MANUAL,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> CacheClearResult:
+        """Clear a session's active cache now, for the given reason."""
+        self._check_open()
+        try:
+            why = ClearReason(reason)
+        except ValueError as exc:
+            raise InvalidInputError(f"unknown clear reason {reason!r}") from exc
+        async with self._lock_for((namespace, session_id)):
+            session = await self._session(session_id, namespace, create=False)
+            return await self._clear(session, why)
+
+    async def manual_clear_cache(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> CacheClearResult:
+        return await self.clear_cache(session_id, ClearReason.MANUAL, namespace=namespace)
+
+    # -- retrieval -------------------------------------------------------------------------
+
+    async def retrieve_context(
+        self,
+        session_id: str,
+        query: str,
+        limit: int | None = None,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> RetrievalResult:
+        """Search the session's three tiers for `query`; best hits first.
+
+        Each hit's `similarity_score` is in [0, 1] (higher is better) and comparable across
+        tiers; `message_ids` are the caller's ids of the messages it came from.
+        """
+        self._check_open()
+        if not isinstance(query, str):
+            raise InvalidInputError(f"query must be str, not {type(query).__name__}")
+        _check_text("query", query, self._config.max_message_bytes)
+        wanted = self._config.retrieval_limit if limit is None else limit
+        if wanted < 1:
+            raise InvalidInputError("limit must be at least 1")
+        async with self._lock_for((namespace, session_id)):
+            session = await self._session(session_id, namespace, create=False)
+            return await self._retrieve(session, query, wanted, set())
+
+    async def _retrieve(
+        self, session: _Session, query: str, limit: int, exclude: set[int]
+    ) -> RetrievalResult:
+        started = time.perf_counter()
+        outcome = await self._retriever.search(
+            session.key, session.cache.entries, query, limit, exclude
+        )
+        rows = {r.rowid: r for r in await self._store.messages_by_rowid(
+            [c.rowid for c in outcome.hits]
+        )}
+        hits = [
+            RetrievedEntry(
+                text=rows[c.rowid].content,
+                similarity_score=round(c.score, 6),
+                source_tier=c.tier,
+                message_ids=[rows[c.rowid].message_id],
+                matched_keywords=text.matched_keywords(rows[c.rowid].content, outcome.keywords),
+                role=rows[c.rowid].role,
+                created_at=datetime.fromtimestamp(rows[c.rowid].created_at, UTC),
+            )
+            for c in outcome.hits
+            if c.rowid in rows
+        ]
+        active = session.cache.by_rowid()
+        self._scorer.engage([active[c.rowid] for c in outcome.hits if c.rowid in active])
+        await self._store.mark_retrieved([c.rowid for c in outcome.hits])
+        self._stats.record_retrieval(
+            len(hits), outcome.tiers_searched, len(outcome.keywords), session.session_id
+        )
+        message = None
+        if hits:
+            tiers = [h.source_tier for h in hits]
+            primary = max(sorted(set(tiers)), key=tiers.count)
+            average = sum(h.similarity_score for h in hits) / len(hits)
+            message = bridge.retrieval_bridge(len(hits), primary, outcome.keywords, average)
+        return RetrievalResult(
+            entries=hits,
+            bridge_message=message,
+            tiers_searched=outcome.tiers_searched,
+            search_duration_ms=(time.perf_counter() - started) * 1000,
+            keywords_used=outcome.keywords,
+        )
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def list_snapshots(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> list[SnapshotInfo]:
+        """The session's snapshots, newest first."""
+        self._check_open()
+        key = await self._known_key(session_id, namespace)
+        return [
+            SnapshotInfo(int(r[0]), r[1], int(r[2]), int(r[3]), datetime.fromtimestamp(r[4], UTC))
+            for r in await self._store.snapshots(key)
+        ]
+
+    async def restore_from_snapshot(
+        self, session_id: str, snapshot_id: int, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> RestoreResult:
+        """Bring a snapshot's entries back into the session's active cache."""
+        self._check_open()
+        async with self._lock_for((namespace, session_id)):
+            session = await self._session(session_id, namespace, create=False)
+            rows = await self._store.snapshot_entries(session.key, snapshot_id)
+            if rows is None:
+                raise NotFoundError(f"session {session_id!r} has no snapshot {snapshot_id}")
+            info = next(r for r in await self._store.snapshots(session.key) if r[0] == snapshot_id)
+            messages = await self._store.messages_by_rowid([r.message_rowid for r in rows])
+            session.cache.add(await self._entries(messages))
+            pinned = set(session.state.pinned or [])
+            pinned.update(r.rowid for r in messages if r.position <= session.state.cleared_through)
+            session.state.pinned = sorted(pinned)
+            await self._store.save_state(session.key, self._state_of(session))
+            minutes = max(0, int((self._clock() - float(info[4])) // 60))
+            self._stats.record_restore(snapshot_id, len(messages), session.session_id)
+            return RestoreResult(
+                snapshot_id, len(messages), bridge.restore_bridge(len(messages), minutes), minutes
+            )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _known_key(self, session_id: str, namespace: str) -> int:
+        session = self._sessions.get((namespace, session_id))
+        if session is not None:
+            return session.key
+        _check_name("session_id", session_id)
+        _check_name("namespace", namespace)
+        key = await self._store.session_key(namespace, session_id)
+        if key is None:
+            raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
+        return key
+
+    async def get_session_state(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> SessionCacheState | None:
+        self._check_open()
+        try:
+            async with self._lock_for((namespace, session_id)):
+                return self._public_state(await self._session(session_id, namespace, False))
+        except NotFoundError:
+            return None
+
+    async def get_summary(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> SessionSummary | None:
+        self._check_open()
+        row = await self._store.summary(await self._known_key(session_id, namespace))
+        return _public_summary(row) if row else None
+
+    async def get_conversation_history(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> list[StoredMessage]:
+        """Every stored message of the session, in order."""
+        self._check_open()
+        rows = await self._store.messages_after(await self._known_key(session_id, namespace), -1)
+        return [
+            StoredMessage(
+                r.message_id, r.position, r.role, r.content,
+                datetime.fromtimestamp(r.created_at, UTC),
+                json.loads(r.metadata) if r.metadata else None,
+            )
+            for r in rows
+        ]
+
+    async def context_usage(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> int:
+        """Tokens in the session's active cache."""
+        self._check_open()
+        async with self._lock_for((namespace, session_id)):
+            session = await self._session(session_id, namespace, create=False)
+            return session.cache.token_count
+
+    async def list_sessions(self) -> list[tuple[str, str, int, datetime]]:
+        """(namespace, session id, message count, last activity) of every stored session."""
+        self._check_open()
+        return [
+            (ns, sid, count, datetime.fromtimestamp(ts, UTC))
+            for ns, sid, count, ts in await self._store.list_sessions()
+        ]
+
+    # -- writing state ---------------------------------------------------------------------
+
+    async def flush_to_database(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> None:
+        """Persist the session's in-memory state (counters, cache statistics) now."""
+        self._check_open()
+        async with self._lock_for((namespace, session_id)):
+            session = self._sessions.get((namespace, session_id))
+            if session is None:
+                await self._known_key(session_id, namespace)
+                return
+            await self._store.save_state(session.key, self._state_of(session))
+
+    async def delete_session(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
+        """Remove a session and all derived from it; False if it did not exist."""
+        self._check_open()
+        async with self._lock_for((namespace, session_id)):
+            self._sessions.pop((namespace, session_id), None)
+            try:
+                key = await self._known_key(session_id, namespace)
+            except NotFoundError:
+                return False
+            await self._store.delete_session(key)
+            return True
+
+    # -- maintenance and observability ------------------------------------------------------
+
+    async def perform_maintenance(self) -> MaintenanceResult:
+        """Flush and drop sessions idle past `idle_eviction_seconds`; prune old snapshots."""
+        self._check_open()
+        started = time.perf_counter()
+        errors: list[str] = []
+        cleaned = 0
+        cutoff = self._clock() - self._config.idle_eviction_seconds
+        for ident, session in list(self._sessions.items()):
+            if session.last_activity > cutoff:
+                continue
+            async with self._lock_for(ident):
+                if self._sessions.get(ident) is not session or session.last_activity > cutoff:
+                    continue
+                try:
+                    await self._store.save_state(session.key, self._state_of(session))
+                except TierMemError as exc:
+                    errors.append(f"session {session.session_id!r}: {exc}")
+                    continue
+                del self._sessions[ident]
+                self._evictions["idle"] = self._evictions.get("idle", 0) + 1
+                cleaned += 1
+        pruned = 0
+        strategy = self._config.snapshot_strategy
+        if isinstance(strategy, (IncrementalSnapshots, AdaptiveSnapshots)):
+            try:
+                pruned = await self._store.prune_snapshots(strategy.max_snapshots)
+            except TierMemError as exc:
+                errors.append(f"pruning snapshots: {exc}")
+        return MaintenanceResult(cleaned, pruned, errors, (time.perf_counter() - started) * 1000)
+
+    async def run_maintenance(self, interval_seconds: float = 300.0) -> None:
+        """Run `perform_maintenance` every `interval_seconds` until cancelled."""
+        if interval_seconds <= 0:
+            raise InvalidInputError("interval_seconds must be positive")
+        while not self._closed:
+            await self.perform_maintenance()
+            await anyio.sleep(interval_seconds)
+
+    def export_statistics(self) -> CacheStatisticsExport:
+        return self._stats.export(active_sessions=len(self._sessions))
+
+    def reset_statistics(self) -> None:
+        self._stats = CacheStatistics()
+
+    def _note_peak(self) -> None:
+        self._peak_bytes = max(self._peak_bytes, self._estimated_bytes())
+
+    def _estimated_bytes(self) -> int:
+        return sum(s.cache.kv_bytes for s in self._sessions.values())
+
+    async def status(self) -> ManagerStatus:
+        """Memory, budget and eviction figures, and the models' state."""
+        self._check_open()
+        models: dict[str, Any] = {
+            "embedding": {
+                "name": self._embedder.model_name,
+                "dimensions": self._embedder.dimensions,
+                "loaded": bool(getattr(self._embedder, "loaded", True)),
+            },
+            "kv_bytes_per_token": self._kv_shape.bytes_per_token,
+            "context_tokens": self._context_tokens,
+            "summarizer": type(self._summarizer).__name__ if self._summarizer else None,
+        }
+        return ManagerStatus(
+            estimated_bytes=self._estimated_bytes(),
+            budget_bytes=self._config.max_bytes_total,
+            peak_bytes=max(self._peak_bytes, self._estimated_bytes()),
+            session_count=len(self._sessions),
+            total_entries=sum(len(s.cache.entries) for s in self._sessions.values()),
+            evictions_by_reason=dict(self._evictions),
+            hits=self._hits,
+            misses=self._misses,
+            rss_bytes=psutil.Process().memory_info().rss,
+            models=models,
+        )
+
+    def _public_state(self, session: _Session) -> SessionCacheState:
+        s = session.state
+        return SessionCacheState(
+            session_id=session.session_id,
+            namespace=session.namespace,
+            conversation_count=s.conversation_count,
+            clear_count=s.clear_count,
+            entry_count=len(session.cache.entries),
+            cache_size_bytes=session.cache.kv_bytes,
+            token_count=session.cache.token_count,
+            message_count=s.message_count,
+            last_cleared_at=(
+                datetime.fromtimestamp(s.last_cleared_at, UTC) if s.last_cleared_at else None
+            ),
+            last_snapshot_id=s.last_snapshot_id,
+            last_activity=datetime.fromtimestamp(session.last_activity, UTC),
+        )
+
+
+def _derived_id(session_id: str, position: int) -> str:
+    return f"{session_id}#{position}"
+
+
+def _public_summary(row: SummaryRow) -> SessionSummary:
+    return SessionSummary(
+        text=row.text,
+        clear_count=row.clear_count,
+        token_count=row.token_count,
+        message_count=row.message_count,
+        updated_at=datetime.fromtimestamp(row.updated_at, UTC),
+    )
+
+
+def _check_name(what: str, value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError(f"{what} must be a non-empty string")
+    if len(value) > 512 or "\x00" in value:
+        raise InvalidInputError(f"{what} must be at most 512 characters with no NUL")
+
+
+def _check_text(what: str, value: str, max_bytes: int) -> None:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{what} is not valid Unicode text (lone surrogate)") from exc
+    if size > max_bytes:
+        raise InvalidInputError(f"{what} is {size} bytes; the limit is {max_bytes}")

@@ -1,0 +1,629 @@
+"""SQLite storage: one file, WAL, sqlite-vec loaded on a pysqlite3 connection under aiosqlite.
+
+Tables (see migrations/): `sessions` (namespace, session id), `messages` (every message ever
+stored, tier 3) with `messages_fts` (FTS5, kept in sync by triggers), `session_state`
+(what rebuilds an active cache), `kv_snapshots` and `kv_snapshot_entries` (tier 2),
+`session_summaries` (one cumulative summary per session), `meta`. Two vec0 tables hold
+vectors, partitioned by session so a KNN query never scans another session's rows:
+`message_vectors` (rowid = messages.id) and `snapshot_entry_vectors` (rowid =
+kv_snapshot_entries.id). Their dimension follows the embedding model recorded in `meta`.
+
+Writes go through one connection, one transaction at a time (`BEGIN IMMEDIATE`); reads use
+a second connection, so searches run beside writes. A cancelled write rolls back, shielded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import anyio
+import anyio.to_thread
+import numpy as np
+import pysqlite3.dbapi2 as sqlite3
+import sqlite_vec
+
+from . import migrate
+from .errors import EmbeddingMismatchError, StorageError
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+MESSAGE_COLUMNS = "id, position, message_id, role, content, created_at, token_count, metadata"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    rowid: int
+    position: int
+    message_id: str
+    role: str
+    content: str
+    created_at: float
+    token_count: int
+    metadata: str | None
+
+    @classmethod
+    def of(cls, row: Row) -> MessageRow:
+        return cls(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    position: int
+    message_id: str
+    role: str
+    content: str
+    content_hash: str
+    metadata: str | None
+    created_at: float
+    token_count: int
+
+
+@dataclass(slots=True)
+class StateRow:
+    conversation_count: int = 0
+    clear_count: int = 0
+    message_count: int = 0
+    cleared_through: int = -1
+    pinned: list[int] | None = None
+    entry_stats: dict[str, list[float]] | None = None
+    prefix_digest: str = ""
+    last_cleared_at: float | None = None
+    last_snapshot_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRow:
+    text: str
+    token_count: int
+    message_count: int
+    clear_count: int
+    covered_through: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntryRow:
+    message_rowid: int
+    importance: float
+    entry_type: str
+    kv_bytes: int
+
+
+def _raw_connect(path: str, busy_timeout_ms: int) -> Any:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.enable_load_extension(True)
+        sqlite_vec.load(conn)
+        conn.enable_load_extension(False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _prepare(path: str, busy_timeout_ms: int) -> None:
+    """Blocking: check the file is a sound SQLite database and migrate it."""
+    conn = _raw_connect(path, busy_timeout_ms)
+    try:
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise StorageError(f"database {path} is damaged: {verdict}")
+        migrate.apply(conn)
+    finally:
+        conn.close()
+
+
+def _blob(vector: np.ndarray[Any, Any]) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _ids_json(ids: Iterable[int]) -> str:
+    return json.dumps([int(i) for i in ids])
+
+
+class SQLiteStore:
+    """The tiermem database. Every method is a coroutine; none blocks the event loop."""
+
+    def __init__(self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = anyio.Lock()
+        self.dimensions = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, path: str | Path, embedding_model: str, dimensions: int, busy_timeout_ms: int = 10_000
+    ) -> SQLiteStore:
+        """Open (creating and migrating) the database and check the embedding model."""
+        target = str(path)
+        parent = Path(target).parent
+        if target == ":memory:" or not parent.is_dir():
+            raise StorageError(f"cannot open database {target!r}: give a file in an existing folder")
+        try:
+            await anyio.to_thread.run_sync(_prepare, target, busy_timeout_ms)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {target}: {exc}") from exc
+        opened: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(2):
+                conn = aiosqlite.Connection(lambda: _raw_connect(target, busy_timeout_ms), 64)
+                opened.append(conn)
+                await conn
+            store = cls(target, opened[0], opened[1])
+            await store._ensure_vectors(embedding_model, dimensions)
+            return store
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                for conn in opened:
+                    await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"cannot open database {target}: {exc}") from exc
+            raise
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._reader.close()
+            await self._writer.close()
+
+    async def _ensure_vectors(self, model: str, dims: int) -> None:
+        rows = dict(await self._read_all("SELECT key, value FROM meta", conn=self._writer))
+        known_model, known_dims = rows.get("embedding_model"), rows.get("embedding_dims")
+        if known_dims is not None and int(known_dims) != dims:
+            raise EmbeddingMismatchError(
+                f"database {self.path} holds {known_dims}-dimensional vectors from "
+                f"{known_model!r}; the configured embedding model {model!r} gives {dims}"
+            )
+        async with self.transaction() as db:
+            for table in ("message_vectors", "snapshot_entry_vectors"):
+                await db.execute(
+                    f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0("
+                    f"session_key integer partition key, "
+                    f"embedding float[{dims}] distance_metric=cosine)"
+                )
+            await db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('embedding_model', ?), "
+                "('embedding_dims', ?)",
+                (model, str(dims)),
+            )
+        self.dimensions = dims
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; rolled back (shielded from cancellation) on any error."""
+        async with self._write_lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot start a write on {self.path}: {exc}") from exc
+            try:
+                yield self._writer
+                with anyio.CancelScope(shield=True):
+                    await self._writer.commit()
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._writer.rollback()
+                    except sqlite3.Error:
+                        pass
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"write to {self.path} failed: {exc}") from exc
+                raise
+
+    async def _read_all(
+        self, sql: str, params: Sequence[Any] = (), conn: aiosqlite.Connection | None = None
+    ) -> list[Row]:
+        try:
+            async with (conn or self._reader).execute(sql, params) as cursor:
+                return [tuple(r) for r in await cursor.fetchall()]
+        except sqlite3.Error as exc:
+            raise StorageError(f"read from {self.path} failed: {exc}") from exc
+
+    async def _read_one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        rows = await self._read_all(sql, params)
+        return rows[0] if rows else None
+
+    # -- sessions --------------------------------------------------------------------------
+
+    async def session_key(self, namespace: str, session_id: str) -> int | None:
+        row = await self._read_one(
+            "SELECT id FROM sessions WHERE namespace = ? AND session_id = ?",
+            (namespace, session_id),
+        )
+        return int(row[0]) if row else None
+
+    async def create_session(self, namespace: str, session_id: str) -> int:
+        now = time.time()
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO sessions(namespace, session_id, created_at, last_activity)"
+                " VALUES (?, ?, ?, ?)",
+                (namespace, session_id, now, now),
+            )
+            async with db.execute(
+                "SELECT id FROM sessions WHERE namespace = ? AND session_id = ?",
+                (namespace, session_id),
+            ) as cursor:
+                row = await cursor.fetchone()
+            assert row is not None
+            key = int(row[0])
+            await db.execute(
+                "INSERT OR IGNORE INTO session_state(session_key, updated_at) VALUES (?, ?)",
+                (key, now),
+            )
+        return key
+
+    async def list_sessions(self) -> list[tuple[str, str, int, float]]:
+        """(namespace, session id, message count, last activity) for every session."""
+        rows = await self._read_all(
+            "SELECT s.namespace, s.session_id, COALESCE(st.message_count, 0), s.last_activity "
+            "FROM sessions s LEFT JOIN session_state st ON st.session_key = s.id "
+            "ORDER BY s.last_activity DESC"
+        )
+        return [(r[0], r[1], int(r[2]), float(r[3])) for r in rows]
+
+    async def load_state(self, key: int) -> StateRow:
+        row = await self._read_one(
+            "SELECT conversation_count, clear_count, message_count, cleared_through, pinned, "
+            "entry_stats, prefix_digest, last_cleared_at, last_snapshot_id "
+            "FROM session_state WHERE session_key = ?",
+            (key,),
+        )
+        if row is None:
+            return StateRow(pinned=[], entry_stats={})
+        return StateRow(
+            conversation_count=row[0],
+            clear_count=row[1],
+            message_count=row[2],
+            cleared_through=row[3],
+            pinned=[int(i) for i in json.loads(row[4])],
+            entry_stats=json.loads(row[5]),
+            prefix_digest=row[6],
+            last_cleared_at=row[7],
+            last_snapshot_id=row[8],
+        )
+
+    @staticmethod
+    async def _write_state(db: aiosqlite.Connection, key: int, state: StateRow) -> None:
+        now = time.time()
+        await db.execute(
+            "UPDATE session_state SET conversation_count = ?, clear_count = ?, message_count = ?,"
+            " cleared_through = ?, pinned = ?, entry_stats = ?, prefix_digest = ?,"
+            " last_cleared_at = ?, last_snapshot_id = ?, updated_at = ? WHERE session_key = ?",
+            (
+                state.conversation_count,
+                state.clear_count,
+                state.message_count,
+                state.cleared_through,
+                _ids_json(state.pinned or []),
+                json.dumps(state.entry_stats or {}),
+                state.prefix_digest,
+                state.last_cleared_at,
+                state.last_snapshot_id,
+                now,
+                key,
+            ),
+        )
+        await db.execute("UPDATE sessions SET last_activity = ? WHERE id = ?", (now, key))
+
+    async def save_state(self, key: int, state: StateRow) -> None:
+        async with self.transaction() as db:
+            await self._write_state(db, key, state)
+
+    async def delete_session(self, key: int) -> None:
+        """Remove the session and everything derived from it, vectors included."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM snapshot_entry_vectors WHERE rowid IN (SELECT e.id FROM "
+                "kv_snapshot_entries e JOIN kv_snapshots s ON s.id = e.snapshot_id "
+                "WHERE s.session_key = ?)",
+                (key,),
+            )
+            await db.execute(
+                "DELETE FROM message_vectors WHERE rowid IN "
+                "(SELECT id FROM messages WHERE session_key = ?)",
+                (key,),
+            )
+            # cascades: messages (and their FTS rows through the trigger), state, snapshots,
+            # snapshot entries, summaries
+            await db.execute("DELETE FROM sessions WHERE id = ?", (key,))
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def existing_ids(self, key: int, message_ids: Sequence[str]) -> dict[str, str]:
+        """Of `message_ids`, those already stored in the session, with their content hash."""
+        if not message_ids:
+            return {}
+        rows = await self._read_all(
+            "SELECT message_id, content_hash FROM messages WHERE session_key = ? AND "
+            "message_id IN (SELECT value FROM json_each(?))",
+            (key, json.dumps(list(message_ids))),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def append_messages(
+        self,
+        key: int,
+        messages: Sequence[NewMessage],
+        vectors: np.ndarray[Any, Any] | None,
+        state: StateRow,
+    ) -> list[int]:
+        """Store messages, their FTS rows and vectors, and the session's state: one transaction."""
+        rowids: list[int] = []
+        async with self.transaction() as db:
+            for i, m in enumerate(messages):
+                cursor = await db.execute(
+                    "INSERT INTO messages(session_key, position, message_id, role, content,"
+                    " content_hash, metadata, created_at, token_count)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key,
+                        m.position,
+                        m.message_id,
+                        m.role,
+                        m.content,
+                        m.content_hash,
+                        m.metadata,
+                        m.created_at,
+                        m.token_count,
+                    ),
+                )
+                rowid = int(cursor.lastrowid or 0)
+                rowids.append(rowid)
+                if vectors is not None:
+                    await db.execute(
+                        "INSERT INTO message_vectors(rowid, session_key, embedding) VALUES (?, ?, ?)",
+                        (rowid, key, _blob(vectors[i])),
+                    )
+            await self._write_state(db, key, state)
+        return rowids
+
+    async def messages_by_rowid(self, rowids: Sequence[int]) -> list[MessageRow]:
+        if not rowids:
+            return []
+        rows = await self._read_all(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id IN "
+            "(SELECT value FROM json_each(?)) ORDER BY position",
+            (_ids_json(rowids),),
+        )
+        return [MessageRow.of(r) for r in rows]
+
+    async def messages_after(self, key: int, position: int) -> list[MessageRow]:
+        rows = await self._read_all(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND position > ? "
+            "ORDER BY position",
+            (key, position),
+        )
+        return [MessageRow.of(r) for r in rows]
+
+    async def messages_between(self, key: int, after: int, through: int) -> list[MessageRow]:
+        rows = await self._read_all(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND position > ? "
+            "AND position <= ? ORDER BY position",
+            (key, after, through),
+        )
+        return [MessageRow.of(r) for r in rows]
+
+    async def message_vectors(self, rowids: Sequence[int]) -> dict[int, np.ndarray[Any, Any]]:
+        if not rowids:
+            return {}
+        rows = await self._read_all(
+            "SELECT rowid, embedding FROM message_vectors WHERE rowid IN "
+            "(SELECT value FROM json_each(?))",
+            (_ids_json(rowids),),
+        )
+        return {int(r[0]): np.frombuffer(r[1], dtype=np.float32) for r in rows}
+
+    async def mark_retrieved(self, rowids: Sequence[int]) -> None:
+        if rowids:
+            async with self.transaction() as db:
+                await db.execute(
+                    "UPDATE messages SET retrieval_count = retrieval_count + 1 WHERE id IN "
+                    "(SELECT value FROM json_each(?))",
+                    (_ids_json(rowids),),
+                )
+
+    # -- search ----------------------------------------------------------------------------
+
+    async def lexical_search(
+        self, fts_query: str, key: int, limit: int, within: Sequence[int] | None = None
+    ) -> list[tuple[int, float]]:
+        """(message rowid, bm25 score; higher is better) for the session, best first.
+
+        `within` restricts the search to those message rowids (tiers 1 and 2).
+        """
+        if within is not None:
+            if not within:
+                return []
+            rows = await self._read_all(
+                "SELECT f.rowid, -bm25(messages_fts) AS score FROM messages_fts f "
+                "WHERE messages_fts MATCH ? AND f.rowid IN (SELECT value FROM json_each(?)) "
+                "ORDER BY score DESC LIMIT ?",
+                (fts_query, _ids_json(within), limit),
+            )
+        else:
+            rows = await self._read_all(
+                "SELECT f.rowid, -bm25(messages_fts) AS score FROM messages_fts f "
+                "JOIN messages m ON m.id = f.rowid "
+                "WHERE messages_fts MATCH ? AND m.session_key = ? ORDER BY score DESC LIMIT ?",
+                (fts_query, key, limit),
+            )
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    async def vector_search(
+        self, query: np.ndarray[Any, Any], key: int, k: int
+    ) -> list[tuple[int, float]]:
+        """(message rowid, cosine distance) of the session's k nearest messages."""
+        rows = await self._read_all(
+            "SELECT rowid, distance FROM message_vectors WHERE embedding MATCH ? AND k = ? "
+            "AND session_key = ?",
+            (_blob(query), k, key),
+        )
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    async def snapshot_vector_search(
+        self, query: np.ndarray[Any, Any], key: int, k: int
+    ) -> list[tuple[int, float]]:
+        """(message rowid, cosine distance) of the session's nearest snapshot entries."""
+        rows = await self._read_all(
+            "WITH knn AS (SELECT rowid, distance FROM snapshot_entry_vectors "
+            "WHERE embedding MATCH ? AND k = ? AND session_key = ?) "
+            "SELECT e.message_rowid, MIN(knn.distance) FROM knn "
+            "JOIN kv_snapshot_entries e ON e.id = knn.rowid GROUP BY e.message_rowid",
+            (_blob(query), k, key),
+        )
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    async def distances(
+        self, query: np.ndarray[Any, Any], rowids: Sequence[int]
+    ) -> dict[int, float]:
+        """Cosine distance from `query` to each given message's vector."""
+        if not rowids:
+            return {}
+        rows = await self._read_all(
+            "SELECT rowid, vec_distance_cosine(embedding, ?) FROM message_vectors "
+            "WHERE rowid IN (SELECT value FROM json_each(?))",
+            (_blob(query), _ids_json(rowids)),
+        )
+        return {int(r[0]): float(r[1]) for r in rows}
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def save_clear(
+        self,
+        key: int,
+        state: StateRow,
+        snapshot: tuple[str, str, Sequence[SnapshotEntryRow]] | None,
+        vectors: dict[int, np.ndarray[Any, Any]],
+    ) -> int | None:
+        """A clear: the snapshot (row, entries, their vectors) and the new state, atomically."""
+        snapshot_id = None
+        async with self.transaction() as db:
+            if snapshot is not None:
+                reason, strategy, entries = snapshot
+                cursor = await db.execute(
+                    "INSERT INTO kv_snapshots(session_key, reason, strategy, entry_count,"
+                    " size_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (key, reason, strategy, len(entries), sum(e.kv_bytes for e in entries),
+                     time.time()),
+                )
+                snapshot_id = int(cursor.lastrowid or 0)
+                for e in entries:
+                    cursor = await db.execute(
+                        "INSERT INTO kv_snapshot_entries(snapshot_id, message_rowid, importance,"
+                        " entry_type, kv_bytes) VALUES (?, ?, ?, ?, ?)",
+                        (snapshot_id, e.message_rowid, e.importance, e.entry_type, e.kv_bytes),
+                    )
+                    vector = vectors.get(e.message_rowid)
+                    if vector is not None:
+                        await db.execute(
+                            "INSERT INTO snapshot_entry_vectors(rowid, session_key, embedding)"
+                            " VALUES (?, ?, ?)",
+                            (cursor.lastrowid, key, _blob(vector)),
+                        )
+                state.last_snapshot_id = snapshot_id
+            await self._write_state(db, key, state)
+        return snapshot_id
+
+    async def snapshots(self, key: int) -> list[Row]:
+        """(id, reason, entry count, size bytes, created at), newest first."""
+        return await self._read_all(
+            "SELECT id, reason, entry_count, size_bytes, created_at FROM kv_snapshots "
+            "WHERE session_key = ? ORDER BY id DESC",
+            (key,),
+        )
+
+    async def snapshot_entries(self, key: int, snapshot_id: int) -> list[SnapshotEntryRow] | None:
+        """The entries of one of the session's snapshots, or None if it has no such snapshot."""
+        owner = await self._read_one(
+            "SELECT created_at FROM kv_snapshots WHERE id = ? AND session_key = ?",
+            (snapshot_id, key),
+        )
+        if owner is None:
+            return None
+        rows = await self._read_all(
+            "SELECT message_rowid, importance, entry_type, kv_bytes FROM kv_snapshot_entries "
+            "WHERE snapshot_id = ? ORDER BY id",
+            (snapshot_id,),
+        )
+        return [SnapshotEntryRow(*r) for r in rows]
+
+    async def snapshot_message_rowids(self, key: int) -> list[int]:
+        rows = await self._read_all(
+            "SELECT DISTINCT e.message_rowid FROM kv_snapshot_entries e "
+            "JOIN kv_snapshots s ON s.id = e.snapshot_id WHERE s.session_key = ?",
+            (key,),
+        )
+        return [int(r[0]) for r in rows]
+
+    async def prune_snapshots(self, max_per_session: int) -> int:
+        """Keep each session's newest `max_per_session` snapshots; returns how many went."""
+        async with self.transaction() as db:
+            async with db.execute(
+                "SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY session_key "
+                "ORDER BY id DESC) AS n FROM kv_snapshots) WHERE n > ?",
+                (max_per_session,),
+            ) as cursor:
+                doomed = [int(r[0]) for r in await cursor.fetchall()]
+            if doomed:
+                ids = _ids_json(doomed)
+                await db.execute(
+                    "DELETE FROM snapshot_entry_vectors WHERE rowid IN (SELECT id FROM "
+                    "kv_snapshot_entries WHERE snapshot_id IN (SELECT value FROM json_each(?)))",
+                    (ids,),
+                )
+                await db.execute(
+                    "DELETE FROM kv_snapshots WHERE id IN (SELECT value FROM json_each(?))", (ids,)
+                )
+        return len(doomed)
+
+    # -- summaries -------------------------------------------------------------------------
+
+    async def summary(self, key: int) -> SummaryRow | None:
+        row = await self._read_one(
+            "SELECT text, token_count, message_count, clear_count, covered_through, updated_at "
+            "FROM session_summaries WHERE session_key = ?",
+            (key,),
+        )
+        return SummaryRow(*row) if row else None
+
+    async def save_summary(self, key: int, summary: SummaryRow) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO session_summaries(session_key, text, token_count, message_count,"
+                " clear_count, covered_through, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(session_key) DO UPDATE SET text = excluded.text,"
+                " token_count = excluded.token_count, message_count = excluded.message_count,"
+                " clear_count = excluded.clear_count, covered_through = excluded.covered_through,"
+                " updated_at = excluded.updated_at",
+                (key, summary.text, summary.token_count, summary.message_count,
+                 summary.clear_count, summary.covered_through, summary.updated_at),
+            )
+
+    # -- introspection (tests, status) -----------------------------------------------------
+
+    async def counts(self) -> dict[str, int]:
+        """Row counts of the main tables, vector tables included."""
+        out = {}
+        for table in ("sessions", "messages", "messages_fts", "message_vectors",
+                      "kv_snapshots", "kv_snapshot_entries", "snapshot_entry_vectors",
+                      "session_summaries", "session_state"):
+            row = await self._read_one(f"SELECT COUNT(*) FROM {table}")
+            out[table] = int(row[0]) if row else 0
+        return out

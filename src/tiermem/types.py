@@ -1,0 +1,214 @@
+"""Public data types: the messages a host hands in and the results it gets back."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .errors import InvalidInputError
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message. `id` is the caller's own id; it comes back in every hit."""
+
+    role: str
+    content: str
+    id: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    created_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise InvalidInputError(
+                f"unknown role {self.role!r}; expected one of {', '.join(sorted(ROLES))}"
+            )
+        if not isinstance(self.content, str):
+            raise InvalidInputError(f"content must be str, not {type(self.content).__name__}")
+        if self.id is not None and (not isinstance(self.id, str) or not self.id):
+            raise InvalidInputError("id must be a non-empty string or None")
+
+
+class ClearReason(enum.StrEnum):
+    """Why an active cache was cleared."""
+
+    CONVERSATION_LIMIT = "ConversationLimit"
+    MEMORY_THRESHOLD = "MemoryThreshold"
+    ENTRY_LIMIT = "EntryLimit"
+    MANUAL = "Manual"
+    ERROR_RECOVERY = "ErrorRecovery"
+
+
+class OperationType(enum.StrEnum):
+    CLEAR = "Clear"
+    RETRIEVE = "Retrieve"
+    SNAPSHOT = "Snapshot"
+    RESTORE = "Restore"
+
+
+@dataclass(frozen=True, slots=True)
+class PreservedEntry:
+    """An active-cache entry kept through a clear."""
+
+    message_id: str
+    role: str
+    text: str
+    importance: float
+    entry_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """The cumulative summary of a session: everything up to the last clear."""
+
+    text: str
+    clear_count: int
+    token_count: int
+    message_count: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CacheClearResult:
+    entries_to_keep: list[PreservedEntry]
+    entries_cleared: int
+    bridge_message: str
+    snapshot_id: int | None
+    preserved_keywords: list[str]
+    clear_reason: ClearReason
+    summary: SessionSummary | None = None
+    summary_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievedEntry:
+    """One hit. `similarity_score` is in [0, 1], higher is better, comparable across tiers."""
+
+    text: str
+    similarity_score: float
+    source_tier: int
+    message_ids: list[str]
+    matched_keywords: list[str]
+    role: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalResult:
+    entries: list[RetrievedEntry]
+    bridge_message: str | None
+    tiers_searched: list[int]
+    search_duration_ms: float
+    keywords_used: list[str]
+
+    @property
+    def average_similarity(self) -> float:
+        if not self.entries:
+            return 0.0
+        return sum(e.similarity_score for e in self.entries) / len(self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCacheState:
+    session_id: str
+    namespace: str
+    conversation_count: int
+    clear_count: int
+    entry_count: int
+    cache_size_bytes: int
+    token_count: int
+    message_count: int
+    last_cleared_at: datetime | None
+    last_snapshot_id: int | None
+    last_activity: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CacheProcessingResult:
+    should_clear_cache: bool
+    clear_result: CacheClearResult | None
+    should_retrieve: bool
+    retrieval_result: RetrievalResult | None
+    bridge_messages: list[str]
+    updated_session_state: SessionCacheState
+    stored_message_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    snapshot_id: int
+    entries_restored: int
+    bridge_message: str
+    age_minutes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    snapshot_id: int
+    reason: str
+    entry_count: int
+    size_bytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as stored: the caller's id, its position in the session and its text."""
+
+    id: str
+    position: int
+    role: str
+    content: str
+    created_at: datetime
+    metadata: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceResult:
+    sessions_cleaned: int
+    snapshots_pruned: int
+    errors: list[str]
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOperation:
+    operation_type: OperationType
+    timestamp: datetime
+    entries_affected: int
+    session_id: str
+    details: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatisticsExport:
+    total_clears: int
+    total_retrievals: int
+    entries_preserved: int
+    entries_cleared: int
+    entries_retrieved: int
+    active_sessions: int
+    last_operation: datetime | None
+    operation_history_count: int
+    operation_history: list[CacheOperation]
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStatus:
+    """Memory, budget and eviction figures of a running manager."""
+
+    estimated_bytes: int
+    budget_bytes: int | None
+    peak_bytes: int
+    session_count: int
+    total_entries: int
+    evictions_by_reason: dict[str, int]
+    hits: int
+    misses: int
+    rss_bytes: int
+    models: dict[str, Any]

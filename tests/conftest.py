@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tiermem
+from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
+
+SHAPE = tiermem.KVShape(n_layers=2, n_kv_heads=2, head_dim=8, dtype_bytes=2)  # 128 B/token
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.anyio)
+
+
+class Clock:
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "memory.db"
+
+
+@pytest.fixture
+def summarizer() -> RecordingSummarizer:
+    return RecordingSummarizer()
+
+
+@pytest.fixture
+def open_manager(
+    db_path: Path, summarizer: RecordingSummarizer, clock: Clock
+) -> Callable[..., Any]:
+    """Opens managers on fakes (hashing embedder, recording summarizer, word counter)."""
+
+    async def opener(**overrides: Any) -> tiermem.KVCacheManager:
+        config = overrides.pop("config", None) or tiermem.KVCacheConfig(
+            kv_shape=SHAPE, context_window_tokens=4096
+        )
+        return await tiermem.KVCacheManager.open(
+            overrides.pop("path", db_path),
+            config,
+            embedder=overrides.pop("embedder", HashingEmbedder()),
+            summarizer=overrides.pop("summarizer", summarizer),
+            tokenizer=overrides.pop("tokenizer", WordCounter()),
+            clock=overrides.pop("clock", clock),
+        )
+
+    return opener
+
+
+@pytest.fixture
+async def manager(open_manager: Callable[..., Any]) -> AsyncIterator[tiermem.KVCacheManager]:
+    mgr = await open_manager()
+    try:
+        yield mgr
+    finally:
+        await mgr.aclose()

@@ -1,0 +1,72 @@
+"""Real fakes through tiermem's protocols: deterministic, fast, no models."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from tiermem import ModelError, SummaryText, TranscriptLine
+from tiermem.text import words
+
+
+class HashingEmbedder:
+    """Bag-of-words vectors by feature hashing: texts sharing words are close."""
+
+    def __init__(self, dimensions: int = 64, name: str = "hashing-test") -> None:
+        self._dimensions = dimensions
+        self._name = name
+        self.calls: list[list[str]] = []
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def dimensions(self) -> int:
+        return self._dimensions
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), self._dimensions), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in words(t):
+                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                out[i, h % self._dimensions] += 1.0
+            norm = np.linalg.norm(out[i])
+            if norm:
+                out[i] /= norm
+            else:
+                out[i, 0] = 1.0
+        return out
+
+
+class RecordingSummarizer:
+    """Summaries that name the number of lines seen; records every (prior, transcript)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str | None, list[TranscriptLine]]] = []
+        self.fail = fail
+
+    async def summarize(
+        self, prior: str | None, transcript: Sequence[TranscriptLine]
+    ) -> SummaryText:
+        self.calls.append((prior, list(transcript)))
+        if self.fail:
+            raise ModelError("summarizer is down")
+        facts = "; ".join(line.content[:40] for line in transcript[:3])
+        text = f"summary #{len(self.calls)} of {len(transcript)} messages: {facts}"
+        if prior:
+            text = f"{prior} | {text}"
+        return SummaryText(text, len(text.split()))
+
+
+class WordCounter:
+    """One token per whitespace-separated word."""
+
+    def count(self, texts: list[str]) -> list[int]:
+        return [max(1, len(t.split())) for t in texts]
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return " ".join(text.split()[:max_tokens])
