@@ -71,11 +71,11 @@ SnapshotStrategy = Annotated[
 class ScoringWeights(_Model):
     """Weights of the importance score's parts and the engagement dynamics."""
 
-    recency: float = Field(default=0.2, ge=0.0)
-    access: float = Field(default=0.05, ge=0.0)
-    content: float = Field(default=0.55, ge=0.0)
-    size: float = Field(default=0.05, ge=0.0)
-    engagement: float = Field(default=0.15, ge=0.0)
+    recency: float = Field(default=0.1, ge=0.0)
+    access: float = Field(default=0.025, ge=0.0)
+    content: float = Field(default=0.75, ge=0.0)
+    size: float = Field(default=0.025, ge=0.0)
+    engagement: float = Field(default=0.1, ge=0.0)
     recency_half_life_messages: float = Field(default=12.0, gt=0.0)
     engagement_boost: float = Field(default=0.5, ge=0.0, le=1.0)
     engagement_decay: float = Field(default=0.9, ge=0.0, le=1.0)

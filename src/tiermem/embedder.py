@@ -101,7 +101,8 @@ class SentenceTransformerEmbedder:
                 )
             except (OSError, ValueError, RuntimeError) as exc:
                 raise ModelError(f"cannot load embedding model {self._path}: {exc}") from exc
-            actual = model.get_sentence_embedding_dimension()
+            measure = getattr(model, "get_embedding_dimension", None)
+            actual = measure() if measure else model.get_sentence_embedding_dimension()
             if actual != self._dimensions:
                 raise ModelError(
                     f"embedding model {self._path} gives {actual} dimensions, "

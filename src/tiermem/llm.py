@@ -157,13 +157,15 @@ class LlamaChat:
         if self._llama is None:
             self._llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads)
         self.calls += 1
+        prompt, stop = self._format(messages)
         late = llama_cpp.StoppingCriteriaList([lambda _ids, _logits: time.monotonic() > deadline])
         try:
-            out = self._llama.create_chat_completion(
-                messages=messages,
+            out = self._llama.create_completion(
+                prompt=prompt,
                 max_tokens=max_tokens,
                 temperature=0.0,
                 repeat_penalty=1.1,
+                stop=stop,
                 stopping_criteria=late,
             )
         except (ValueError, RuntimeError) as exc:
@@ -172,8 +174,27 @@ class LlamaChat:
             self._llama.reset()
         if time.monotonic() > deadline:
             raise ModelError("generation ran past its timeout")
-        text = str(out["choices"][0]["message"]["content"] or "").strip()
+        text = str(out["choices"][0]["text"] or "").strip()
         return text, int(out["usage"]["completion_tokens"])
+
+    def _format(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+        """The prompt by the GGUF's own chat template (completion, unlike chat completion,
+        takes the stopping criterion that enforces the timeout)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llama = self._llama
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelError(f"{self.path} has no chat template")
+        eos, bos = llama.token_eos(), llama.token_bos()
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+        )
+        result = formatter(messages=messages)
+        stop = result.stop if isinstance(result.stop, list) else [result.stop or ""]
+        return result.prompt, [s for s in stop if s]
 
     def close(self) -> None:
         if self._llama is not None:

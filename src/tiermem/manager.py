@@ -613,7 +613,12 @@ class KVCacheManager:
             return None, None
         first = max(covered, newest - SUMMARY_MAX_MESSAGES)
         rows = await self._store.messages_between(session.key, first, newest)
-        lines = [TranscriptLine(r.role, r.content) for r in rows if r.content.strip()]
+        # the system prompt is preserved through every clear; it needs no summarizing
+        lines = [
+            TranscriptLine(r.role, r.content)
+            for r in rows
+            if r.content.strip() and r.role != "system"
+        ]
         try:
             result = await self._summarizer.summarize(prior.text if prior else None, lines)
         except TierMemError as exc:
