@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     demo = add("demo", "Replay the demo conversation with the bundled models, turn by turn.")
-    demo.add_argument("--fixture", help="conversation JSON (default: fixtures/demo_conversation.json)")
+    demo.add_argument(
+        "--fixture", help="conversation JSON (default: fixtures/demo_conversation.json)"
+    )
     status = add("status", "Print memory, budget and model figures for a database.")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser

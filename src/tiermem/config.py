@@ -103,7 +103,6 @@ class KVShape(_Model):
 class KVCacheConfig(_Model):
     """Everything tiermem can be told; the defaults port the seed design."""
 
-
     enabled: bool = True
     # clear decision
     clear_after_conversations: int = Field(default=16, ge=1)

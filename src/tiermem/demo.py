@@ -51,7 +51,9 @@ async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheCon
             conversation = [Message("system", session["system"], id=f"{sid}-system")]
             raw = session["messages"]
             for turn, i in enumerate(range(0, len(raw), 2), start=1):
-                conversation += [Message(m["role"], m["content"], id=m["id"]) for m in raw[i : i + 2]]
+                conversation += [
+                    Message(m["role"], m["content"], id=m["id"]) for m in raw[i : i + 2]
+                ]
                 t0 = time.perf_counter()
                 result = await mgr.process_conversation(sid, conversation)
                 ms = (time.perf_counter() - t0) * 1000
@@ -62,45 +64,63 @@ async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheCon
                 )
                 clear = result.clear_result
                 if clear is not None:
-                    write(f"  ** CLEAR ({clear.clear_reason.value}): cleared {clear.entries_cleared}, "
-                          f"preserved {len(clear.entries_to_keep)}, snapshot {clear.snapshot_id}")
+                    write(
+                        f"  ** CLEAR ({clear.clear_reason.value}): cleared {clear.entries_cleared}, "
+                        f"preserved {len(clear.entries_to_keep)}, snapshot {clear.snapshot_id}"
+                    )
                     for kept in clear.entries_to_keep:
-                        write(f"     kept [{kept.entry_type}, {kept.importance:.2f}] "
-                              f"{_short(kept.text, 70)}")
+                        write(
+                            f"     kept [{kept.entry_type}, {kept.importance:.2f}] "
+                            f"{_short(kept.text, 70)}"
+                        )
                     if clear.summary is not None:
-                        write(f"     summary (clear #{clear.summary.clear_count}, "
-                              f"{clear.summary.token_count} tokens): {_short(clear.summary.text, 300)}")
+                        write(
+                            f"     summary (clear #{clear.summary.clear_count}, "
+                            f"{clear.summary.token_count} tokens): {_short(clear.summary.text, 300)}"
+                        )
                     elif clear.summary_error:
                         write(f"     no summary: {clear.summary_error}")
                 if result.retrieval_result and result.retrieval_result.entries:
                     r = result.retrieval_result
                     write(f"  ?? {r.bridge_message}")
                     for hit in r.entries[:3]:
-                        write(f"     tier {hit.source_tier} score {hit.similarity_score:.2f} "
-                              f"ids {hit.message_ids}: {_short(hit.text, 70)}")
+                        write(
+                            f"     tier {hit.source_tier} score {hit.similarity_score:.2f} "
+                            f"ids {hit.message_ids}: {_short(hit.text, 70)}"
+                        )
         write("\n=== questions about early facts ===")
         for q in data.get("questions", []):
             hits = await mgr.retrieve_context(q["session"], q["question"], limit=5)
             found = [h for h in hits.entries if set(h.message_ids) & set(q["evidence"])]
-            write(f"Q [{q['session']}] {q['question']}  ({hits.search_duration_ms:.0f} ms, "
-                  f"evidence {'found' if found else 'MISSED'} in top 5)")
+            write(
+                f"Q [{q['session']}] {q['question']}  ({hits.search_duration_ms:.0f} ms, "
+                f"evidence {'found' if found else 'MISSED'} in top 5)"
+            )
             for hit in hits.entries[:3]:
-                write(f"   tier {hit.source_tier} score {hit.similarity_score:.2f} "
-                      f"ids {hit.message_ids}: {_short(hit.text, 70)}")
+                write(
+                    f"   tier {hit.source_tier} score {hit.similarity_score:.2f} "
+                    f"ids {hit.message_ids}: {_short(hit.text, 70)}"
+                )
         stats = mgr.export_statistics()
         status = await mgr.status()
         write("\n=== statistics ===")
-        write(f"clears {stats.total_clears}, retrievals {stats.total_retrievals}, "
-              f"preserved {stats.entries_preserved}, cleared {stats.entries_cleared}, "
-              f"retrieved {stats.entries_retrieved}, operations logged "
-              f"{stats.operation_history_count}")
-        write(f"memory: {status.estimated_bytes / 2**20:.1f} MiB KV estimated in "
-              f"{status.session_count} sessions ({status.total_entries} entries), peak "
-              f"{status.peak_bytes / 2**20:.1f} MiB, process RSS {status.rss_bytes / 2**20:.0f} MiB")
+        write(
+            f"clears {stats.total_clears}, retrievals {stats.total_retrievals}, "
+            f"preserved {stats.entries_preserved}, cleared {stats.entries_cleared}, "
+            f"retrieved {stats.entries_retrieved}, operations logged "
+            f"{stats.operation_history_count}"
+        )
+        write(
+            f"memory: {status.estimated_bytes / 2**20:.1f} MiB KV estimated in "
+            f"{status.session_count} sessions ({status.total_entries} entries), peak "
+            f"{status.peak_bytes / 2**20:.1f} MiB, process RSS {status.rss_bytes / 2**20:.0f} MiB"
+        )
         for sid in [s["session_id"] for s in data["sessions"]]:
             summary = await mgr.get_summary(sid)
             if summary:
-                write(f"summary of {sid!r} after {summary.clear_count} clears "
-                      f"({summary.message_count} messages): {_short(summary.text, 400)}")
+                write(
+                    f"summary of {sid!r} after {summary.clear_count} clears "
+                    f"({summary.message_count} messages): {_short(summary.text, 400)}"
+                )
     write(f"\ndone in {time.perf_counter() - started:.1f} s")
     return 0

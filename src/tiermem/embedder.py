@@ -96,9 +96,7 @@ class SentenceTransformerEmbedder:
             from sentence_transformers import SentenceTransformer
 
             try:
-                model = SentenceTransformer(
-                    str(self._path), device="cpu", local_files_only=True
-                )
+                model = SentenceTransformer(str(self._path), device="cpu", local_files_only=True)
             except (OSError, ValueError, RuntimeError) as exc:
                 raise ModelError(f"cannot load embedding model {self._path}: {exc}") from exc
             measure = getattr(model, "get_embedding_dimension", None)

@@ -145,7 +145,10 @@ class LlamaChat:
         running llama.cpp cannot be cancelled from outside.
         """
         return await anyio.to_thread.run_sync(
-            self._complete, messages, max_tokens, time.monotonic() + timeout,
+            self._complete,
+            messages,
+            max_tokens,
+            time.monotonic() + timeout,
             limiter=self._limiter,
         )
 

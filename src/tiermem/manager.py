@@ -393,8 +393,16 @@ class KVCacheManager:
         state.prefix_digest, state.message_count = digest, position
         rowids = await self._store.append_messages(session.key, rows, vectors, state)
         stored = [
-            MessageRow(rid, r.position, r.message_id, r.role, r.content, r.created_at,
-                       r.token_count, r.metadata)
+            MessageRow(
+                rid,
+                r.position,
+                r.message_id,
+                r.role,
+                r.content,
+                r.created_at,
+                r.token_count,
+                r.metadata,
+            )
             for rid, r in zip(rowids, rows, strict=True)
         ]
         by_rowid = {} if vectors is None else dict(zip(rowids, vectors, strict=True))
@@ -491,9 +499,9 @@ class KVCacheManager:
             fresh = await self._new_messages(session, checked)
             for start in range(0, len(fresh), batch_size):
                 state = session.state
-                state.cleared_through = state.message_count + min(
-                    batch_size, len(fresh) - start
-                ) - 1
+                state.cleared_through = (
+                    state.message_count + min(batch_size, len(fresh) - start) - 1
+                )
                 state.pinned = session.cache.rowids()
                 await self._store_messages(session, fresh[start : start + batch_size], state)
             session.last_activity = self._clock()
@@ -690,9 +698,9 @@ class KVCacheManager:
         outcome = await self._retriever.search(
             session.key, session.cache.entries, query, limit, exclude
         )
-        rows = {r.rowid: r for r in await self._store.messages_by_rowid(
-            [c.rowid for c in outcome.hits]
-        )}
+        rows = {
+            r.rowid: r for r in await self._store.messages_by_rowid([c.rowid for c in outcome.hits])
+        }
         hits = [
             RetrievedEntry(
                 text=rows[c.rowid].content,
@@ -800,7 +808,10 @@ class KVCacheManager:
         rows = await self._store.messages_after(await self._known_key(session_id, namespace), -1)
         return [
             StoredMessage(
-                r.message_id, r.position, r.role, r.content,
+                r.message_id,
+                r.position,
+                r.role,
+                r.content,
                 datetime.fromtimestamp(r.created_at, UTC),
                 json.loads(r.metadata) if r.metadata else None,
             )

@@ -31,7 +31,9 @@ class CacheStatistics:
         self.entries_cleared += total - preserved
         self._record(OperationType.CLEAR, total, session_id, reason)
 
-    def record_retrieval(self, count: int, tiers: list[int], keywords: int, session_id: str) -> None:
+    def record_retrieval(
+        self, count: int, tiers: list[int], keywords: int, session_id: str
+    ) -> None:
         self.total_retrievals += 1
         self.entries_retrieved += count
         self._record(

@@ -153,7 +153,9 @@ class SQLiteStore:
         target = str(path)
         parent = Path(target).parent
         if target == ":memory:" or not parent.is_dir():
-            raise StorageError(f"cannot open database {target!r}: give a file in an existing folder")
+            raise StorageError(
+                f"cannot open database {target!r}: give a file in an existing folder"
+            )
         try:
             await anyio.to_thread.run_sync(_prepare, target, busy_timeout_ms)
         except sqlite3.Error as exc:
@@ -520,8 +522,14 @@ class SQLiteStore:
                 cursor = await db.execute(
                     "INSERT INTO kv_snapshots(session_key, reason, strategy, entry_count,"
                     " size_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (key, reason, strategy, len(entries), sum(e.kv_bytes for e in entries),
-                     time.time()),
+                    (
+                        key,
+                        reason,
+                        strategy,
+                        len(entries),
+                        sum(e.kv_bytes for e in entries),
+                        time.time(),
+                    ),
                 )
                 snapshot_id = int(cursor.lastrowid or 0)
                 for e in entries:
@@ -612,8 +620,15 @@ class SQLiteStore:
                 " token_count = excluded.token_count, message_count = excluded.message_count,"
                 " clear_count = excluded.clear_count, covered_through = excluded.covered_through,"
                 " updated_at = excluded.updated_at",
-                (key, summary.text, summary.token_count, summary.message_count,
-                 summary.clear_count, summary.covered_through, summary.updated_at),
+                (
+                    key,
+                    summary.text,
+                    summary.token_count,
+                    summary.message_count,
+                    summary.clear_count,
+                    summary.covered_through,
+                    summary.updated_at,
+                ),
             )
 
     # -- introspection (tests, status) -----------------------------------------------------
@@ -621,9 +636,17 @@ class SQLiteStore:
     async def counts(self) -> dict[str, int]:
         """Row counts of the main tables, vector tables included."""
         out = {}
-        for table in ("sessions", "messages", "messages_fts", "message_vectors",
-                      "kv_snapshots", "kv_snapshot_entries", "snapshot_entry_vectors",
-                      "session_summaries", "session_state"):
+        for table in (
+            "sessions",
+            "messages",
+            "messages_fts",
+            "message_vectors",
+            "kv_snapshots",
+            "kv_snapshot_entries",
+            "snapshot_entry_vectors",
+            "session_summaries",
+            "session_state",
+        ):
             row = await self._read_one(f"SELECT COUNT(*) FROM {table}")
             out[table] = int(row[0]) if row else 0
         return out

@@ -124,8 +124,10 @@ class LLMSummarizer:
                 lines[i] = self._tokens.truncate(lines[i], MESSAGE_MAX_TOKENS) + " [...]"
                 counts[i] = MESSAGE_MAX_TOKENS + 3
         frame = self._tokens.count([SYSTEM_PROMPT + UPDATE_INSTRUCTION])[0]
-        summary_room = UPDATE_MAX_TOKENS if prior is None else max(
-            UPDATE_MAX_TOKENS, self._tokens.count([prior])[0]
+        summary_room = (
+            UPDATE_MAX_TOKENS
+            if prior is None
+            else max(UPDATE_MAX_TOKENS, self._tokens.count([prior])[0])
         )
         room = self._model.n_ctx - frame - summary_room - UPDATE_MAX_TOKENS
         room -= PROMPT_OVERHEAD_TOKENS

@@ -1,0 +1,381 @@
+"""The manager loop on fakes: clears, preservation, snapshots, summaries, bridges, tiers."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import tiermem
+from tests.conftest import SHAPE
+from tests.fakes import RecordingSummarizer
+from tiermem import ClearReason, KVCacheConfig, Message
+
+SYSTEM = Message("system", "You are a helpful assistant for Ana's trip.", id="sys")
+
+pytestmark = pytest.mark.anyio
+
+
+def turn(i: int, user: str | None = None, assistant: str | None = None) -> list[Message]:
+    return [
+        Message("user", user or f"small talk number {i} about the weather", id=f"u{i}"),
+        Message("assistant", assistant or f"reply {i} about clouds", id=f"a{i}"),
+    ]
+
+
+async def run_turns(
+    mgr: tiermem.KVCacheManager, n: int, sid: str = "s", start: int = 0, **kw: Any
+) -> list[tiermem.CacheProcessingResult]:
+    results = []
+    for i in range(start, start + n):
+        msgs = ([SYSTEM] if i == 0 else []) + turn(i)
+        results.append(await mgr.process_conversation(sid, msgs, **kw))
+    return results
+
+
+async def test_clear_happens_at_turn_16(manager: tiermem.KVCacheManager) -> None:
+    results = await run_turns(manager, 17)
+    cleared = [i + 1 for i, r in enumerate(results) if r.should_clear_cache]
+    assert cleared == [16]
+    clear = results[15].clear_result
+    assert clear is not None and clear.clear_reason == ClearReason.CONVERSATION_LIMIT
+    assert results[15].updated_session_state.conversation_count == 0
+    assert results[16].updated_session_state.conversation_count == 1
+
+
+async def test_clear_by_memory_threshold(open_manager: Callable[..., Any]) -> None:
+    config = KVCacheConfig(kv_shape=SHAPE, max_cache_bytes=128 * 100, memory_threshold_percent=0.5)
+    mgr = await open_manager(config=config)
+    try:
+        long_text = "word " * 30  # 30 tokens * 128 B
+        first = await mgr.process_conversation("s", [Message("user", long_text)])
+        second = await mgr.process_conversation("s", [Message("assistant", long_text)])
+        assert not first.should_clear_cache
+        assert second.clear_result is not None
+        assert second.clear_result.clear_reason == ClearReason.MEMORY_THRESHOLD
+    finally:
+        await mgr.aclose()
+
+
+async def test_system_prompt_and_code_are_preserved(manager: tiermem.KVCacheManager) -> None:
+    await manager.process_conversation("s", [SYSTEM, *turn(0)])
+    code = "```python\ndef total(xs):\n    return sum(xs)\n```"
+    await manager.process_conversation("s", turn(1, "show me code", code))
+    result = await manager.manual_clear_cache("s")
+    kept = {e.message_id for e in result.entries_to_keep}
+    assert kept == {"sys", "a1"}
+    assert result.entries_cleared == 3
+    state = await manager.get_session_state("s")
+    assert state is not None and state.entry_count == 2
+
+
+async def test_important_entries_survive_and_chatter_does_not(
+    manager: tiermem.KVCacheManager,
+) -> None:
+    await manager.process_conversation(
+        "s", turn(0, "Important: remember I am allergic to peanuts, never forget it!")
+    )
+    await run_turns(manager, 3, start=1)
+    result = await manager.manual_clear_cache("s")
+    assert [e.message_id for e in result.entries_to_keep] == ["u0"]
+
+
+async def test_summary_is_cumulative(
+    manager: tiermem.KVCacheManager, summarizer: RecordingSummarizer
+) -> None:
+    await run_turns(manager, 32)
+    assert len(summarizer.calls) == 2
+    first_prior, first_lines = summarizer.calls[0]
+    second_prior, second_lines = summarizer.calls[1]
+    assert first_prior is None
+    assert second_prior is not None and second_prior.startswith("summary #1")
+    assert all(line.role != "system" for line in first_lines)
+    summary = await manager.get_summary("s")
+    assert summary is not None
+    assert summary.clear_count == 2
+    assert summary.message_count == 65  # the system prompt + 32 turns of 2
+    assert summary.text.startswith("summary #1") and "summary #2" in summary.text
+
+
+async def test_llm_summarizer_prompt_holds_the_prior_summary() -> None:
+    class Chat:
+        n_ctx = 2048
+
+        def __init__(self) -> None:
+            self.prompts: list[list[dict[str, str]]] = []
+
+        async def complete(
+            self, messages: list[dict[str, str]], max_tokens: int, timeout: float
+        ) -> tuple[str, int]:
+            self.prompts.append(messages)
+            return f"S{len(self.prompts)}: Ana, room 412", 5
+
+    from tests.fakes import WordCounter
+
+    chat = Chat()
+    llm = tiermem.LLMSummarizer(chat, WordCounter(), timeout=5)
+    lines = [tiermem.TranscriptLine("user", "I stay in room 412")] * 4
+    first = await llm.summarize(None, lines)
+    await llm.summarize(first.text, lines)
+    assert "under 300 tokens" in chat.prompts[0][1]["content"]
+    assert first.text in chat.prompts[1][1]["content"]
+    assert "under 400 tokens" in chat.prompts[1][1]["content"]
+
+
+async def test_llm_summarizer_folds_what_does_not_fit() -> None:
+    from tests.fakes import WordCounter
+
+    class Chat:
+        n_ctx = 1400
+        calls = 0
+
+        async def complete(
+            self, messages: list[dict[str, str]], max_tokens: int, timeout: float
+        ) -> tuple[str, int]:
+            Chat.calls += 1
+            assert len(" ".join(m["content"] for m in messages).split()) < self.n_ctx
+            return f"fold {Chat.calls}", 2
+
+    lines = [tiermem.TranscriptLine("user", "word " * 100 + str(i)) for i in range(20)]
+    out = await tiermem.LLMSummarizer(Chat(), WordCounter(), timeout=5).summarize(None, lines)
+    assert Chat.calls > 1 and out.text == f"fold {Chat.calls}"
+
+
+async def test_bridge_texts(open_manager: Callable[..., Any]) -> None:
+    mgr = await open_manager(summarizer=RecordingSummarizer(fail=True))
+    try:
+        results = await run_turns(mgr, 16)
+        clear = results[-1].clear_result
+        assert clear is not None and clear.summary_error == "summarizer is down"
+        assert (
+            results[-1]
+            .bridge_messages[0]
+            .startswith(
+                "[Cache Management] Cleared 32 entries from cache, preserved 1 important entries "
+                "related to: "
+            )
+        )
+    finally:
+        await mgr.aclose()
+
+
+async def test_summary_and_prior_summary_bridges(manager: tiermem.KVCacheManager) -> None:
+    results = await run_turns(manager, 17)
+    summary = await manager.get_summary("s")
+    assert summary is not None
+    assert results[15].bridge_messages[0] == (
+        "[Memory compressed — conversation summary up to this point:]\n" + summary.text
+    )
+    assert results[16].bridge_messages[0] == (
+        "[Prior conversation summary — context before memory compression:]\n" + summary.text
+    )
+
+
+async def test_retrieval_and_restore_bridges(manager: tiermem.KVCacheManager) -> None:
+    await manager.process_conversation(
+        "s", [SYSTEM, *turn(0, "Ana stays at Casa do Largo, room 412.")]
+    )
+    result = await manager.process_conversation("s", turn(1, "Which room does Ana stay in?"))
+    assert result.retrieval_result is not None
+    hits = result.retrieval_result.entries
+    assert hits and hits[0].message_ids == ["u0"]
+    assert (
+        result.bridge_messages[-1].startswith("[Memory Retrieval] Retrieved ")
+        and "from active cache for 'room', 'ana', 'stay'" in result.bridge_messages[-1]
+    )
+    assert "(similarity: " in result.bridge_messages[-1]
+
+    await run_turns(manager, 14, start=2)  # the 16th turn clears with a snapshot
+    snapshots = await manager.list_snapshots("s")
+    assert len(snapshots) == 1
+    restored = await manager.restore_from_snapshot("s", snapshots[0].snapshot_id)
+    assert restored.bridge_message == (
+        f"[Cache Restoration] Restored {restored.entries_restored} entries from previous "
+        "snapshot (0 minutes old)."
+    )
+
+
+async def test_hits_come_from_each_tier_with_caller_ids(manager: tiermem.KVCacheManager) -> None:
+    code = "```python\ndef parse_expenses(path):\n    return open(path).read()\n```"
+    await manager.process_conversation("s", [SYSTEM, *turn(0, "help with parse_expenses", code)])
+    await manager.process_conversation("s", turn(1, "the zebra sanctuary opens at nine"))
+    await run_turns(manager, 14, start=2)  # turn 16: clear, snapshot keeps system + code
+    manager.update_config(preserve_code_entries=False, min_importance_to_preserve=0.99)
+    await manager.manual_clear_cache("s")  # code leaves the cache, stays in the snapshot
+    await manager.process_conversation("s", turn(20, "my favourite colour is teal"))
+
+    def tier_of(result: tiermem.RetrievalResult, message_id: str) -> int:
+        return next(e.source_tier for e in result.entries if message_id in e.message_ids)
+
+    assert tier_of(await manager.retrieve_context("s", "favourite colour teal"), "u20") == 1
+    assert tier_of(await manager.retrieve_context("s", "parse_expenses function"), "a0") == 2
+    zebra = await manager.retrieve_context("s", "when does the zebra sanctuary open")
+    assert tier_of(zebra, "u1") == 3
+    assert zebra.tiers_searched == [1, 2, 3]
+    for e in zebra.entries:
+        assert 0.0 <= e.similarity_score <= 1.0
+    scores = [e.similarity_score for e in zebra.entries]
+    assert scores == sorted(scores, reverse=True)
+
+
+async def test_each_message_is_one_hit_with_its_best_tier(
+    manager: tiermem.KVCacheManager,
+) -> None:
+    await manager.process_conversation("s", turn(0, "the teal bicycle is in the garage"))
+    hits = await manager.retrieve_context("s", "teal bicycle garage")
+    ids = [i for e in hits.entries for i in e.message_ids]
+    assert len(ids) == len(set(ids))
+    assert hits.entries[0].source_tier == 1  # also in tier 3, reported once at tier 1
+
+
+async def test_restart_recovery(open_manager: Callable[..., Any]) -> None:
+    mgr = await open_manager()
+    await run_turns(mgr, 20)
+    before = await mgr.get_session_state("s")
+    await mgr.aclose()
+    mgr = await open_manager()
+    try:
+        after = await mgr.get_session_state("s")
+        assert before is not None and after is not None
+        for field in (
+            "conversation_count",
+            "clear_count",
+            "entry_count",
+            "message_count",
+            "token_count",
+            "cache_size_bytes",
+        ):
+            assert getattr(after, field) == getattr(before, field), field
+        results = await run_turns(mgr, 12, start=20)
+        assert [r.should_clear_cache for r in results].index(True) == 11  # turn 32
+        assert (await mgr.status()).misses == 1
+    finally:
+        await mgr.aclose()
+
+
+async def test_delete_session_leaves_nothing(manager: tiermem.KVCacheManager) -> None:
+    await run_turns(manager, 17, sid="gone")
+    await run_turns(manager, 2, sid="kept")
+    assert await manager.delete_session("gone") is True
+    counts = await manager._store.counts()
+    kept = len(await manager.get_conversation_history("kept"))
+    assert counts["messages"] == counts["messages_fts"] == counts["message_vectors"] == kept
+    assert counts["kv_snapshots"] == counts["kv_snapshot_entries"] == 0
+    assert counts["snapshot_entry_vectors"] == counts["session_summaries"] == 0
+    assert counts["sessions"] == 1
+    with pytest.raises(tiermem.NotFoundError):
+        await manager.retrieve_context("gone", "weather")
+    assert await manager.get_summary("kept") is None
+    assert await manager.delete_session("gone") is False
+
+
+async def test_whole_conversation_or_new_messages_store_once(
+    manager: tiermem.KVCacheManager,
+) -> None:
+    conversation: list[Message] = []
+    for i in range(3):
+        conversation += [Message("user", f"question {i}?"), Message("assistant", f"answer {i}")]
+        await manager.process_conversation("whole", conversation)
+    assert len(await manager.get_conversation_history("whole")) == 6
+    for i in range(3):
+        await manager.process_conversation("new", turn(i))
+    await manager.process_conversation("new", turn(2))  # re-sent with the same ids
+    history = await manager.get_conversation_history("new")
+    assert [m.id for m in history] == ["u0", "a0", "u1", "a1", "u2", "a2"]
+    with pytest.raises(tiermem.InvalidInputError, match="other content"):
+        await manager.process_conversation("new", [Message("user", "changed", id="u0")])
+    derived = await manager.get_conversation_history("whole")
+    assert derived[0].id == "whole#0"
+
+
+async def test_ingest_fills_tier_3_only(manager: tiermem.KVCacheManager) -> None:
+    await manager.process_conversation("s", turn(0))
+    old = [
+        Message("user", f"archived note {i}: the vault code is {1000 + i}", id=f"old{i}")
+        for i in range(600)
+    ]
+    assert await manager.ingest("s", old, batch_size=128) == 600
+    assert await manager.ingest("s", old) == 0
+    state = await manager.get_session_state("s")
+    assert state is not None and state.entry_count == 2 and state.conversation_count == 1
+    hits = await manager.retrieve_context("s", "vault code 1433")
+    assert hits.entries[0].message_ids == ["old433"] and hits.entries[0].source_tier == 3
+
+
+async def test_maintenance_evicts_idle_sessions_and_prunes(
+    manager: tiermem.KVCacheManager, clock: Any
+) -> None:
+    manager.update_config(snapshot_strategy={"kind": "full"})
+    code = "```js\nconst x = 1;\n```"
+    await manager.process_conversation("s", [SYSTEM, *turn(0, "code please", code)])
+    for _ in range(6):
+        await manager.manual_clear_cache("s")
+    await manager.process_conversation("busy", turn(0))
+    clock.advance(3000)
+    await manager.process_conversation("busy", turn(1))
+    clock.advance(700)
+    manager.update_config(snapshot_strategy={"kind": "incremental", "max_snapshots": 2})
+    result = await manager.perform_maintenance()
+    assert result.sessions_cleaned == 1 and result.snapshots_pruned == 4
+    assert result.errors == []
+    status = await manager.status()
+    assert status.session_count == 1 and status.evictions_by_reason == {"idle": 1}
+    state = await manager.get_session_state("s")  # comes back from the database
+    assert state is not None and state.entry_count == 2
+    assert len(await manager.list_snapshots("s")) == 2
+
+
+async def test_namespaces_do_not_mix(manager: tiermem.KVCacheManager) -> None:
+    await manager.process_conversation("s", turn(0, "alpha secret is marmalade"), namespace="a")
+    await manager.process_conversation("s", turn(0, "beta note about rain"), namespace="b")
+    hits = await manager.retrieve_context("s", "marmalade secret", namespace="b")
+    assert all("marmalade" not in e.text for e in hits.entries)
+    assert (await manager.retrieve_context("s", "marmalade", namespace="a")).entries
+
+
+@pytest.mark.parametrize(
+    "query",
+    ['"unbalanced', "NEAR(a b", "a* OR -b ^c", "content:x", "'; DROP TABLE messages; --", ""],
+)
+async def test_queries_with_fts_syntax_are_plain_text(
+    manager: tiermem.KVCacheManager, query: str
+) -> None:
+    await manager.process_conversation("s", turn(0, "DROP TABLE messages is scary content"))
+    result = await manager.retrieve_context("s", query)
+    assert isinstance(result.entries, list)
+    assert len(await manager.get_conversation_history("s")) == 2
+
+
+async def test_bad_input_is_typed(manager: tiermem.KVCacheManager) -> None:
+    with pytest.raises(tiermem.InvalidInputError):
+        Message("wizard", "hi")
+    with pytest.raises(tiermem.InvalidInputError):
+        await manager.process_conversation("", [Message("user", "hi")])
+    with pytest.raises(tiermem.InvalidInputError):
+        await manager.process_conversation("s", [Message("user", "bad \ud800 text")])
+    with pytest.raises(tiermem.InvalidInputError):
+        await manager.process_conversation("s", "not a list")  # type: ignore[arg-type]
+    with pytest.raises(tiermem.NotFoundError):
+        await manager.retrieve_context("nobody", "hello")
+    with pytest.raises(tiermem.NotFoundError):
+        await manager.restore_from_snapshot("nobody", 1)
+    assert await manager.get_session_state("nobody") is None
+
+
+async def test_closed_manager_refuses(open_manager: Callable[..., Any]) -> None:
+    mgr = await open_manager()
+    await mgr.aclose()
+    await mgr.aclose()
+    with pytest.raises(tiermem.ManagerClosedError):
+        await mgr.process_conversation("s", turn(0))
+
+
+async def test_statistics_track_operations(manager: tiermem.KVCacheManager) -> None:
+    await run_turns(manager, 16)
+    await manager.retrieve_context("s", "weather")
+    stats = manager.export_statistics()
+    assert stats.total_clears == 1 and stats.total_retrievals == 1
+    assert stats.entries_cleared + stats.entries_preserved == 33
+    kinds = [op.operation_type.value for op in stats.operation_history]
+    assert kinds == ["Clear", "Snapshot", "Retrieve"]
+    manager.reset_statistics()
+    assert manager.export_statistics().total_clears == 0

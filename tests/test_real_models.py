@@ -1,0 +1,80 @@
+"""Integration: the bundled embedding model, the bundled GGUF and a real database file."""
+
+from pathlib import Path
+
+import pytest
+
+import tiermem
+from tests.fakes import HashingEmbedder
+from tiermem import KVCacheConfig, Message
+
+pytestmark = [pytest.mark.anyio, pytest.mark.real_models]
+
+FACTS = [
+    "Hi! My name is Ana Ribeiro and I'm planning a trip to Lisbon in March.",
+    "I land on March 3rd at 10:40 on flight TP1351 from Berlin.",
+    "Important: I'm allergic to peanuts, so keep that in mind for restaurants.",
+    "My total budget is 2,400 euros, including the hotel.",
+]
+
+
+async def test_full_loop_with_bundled_models(tmp_path: Path) -> None:
+    db = tmp_path / "real.db"
+    conversation = [Message("system", "You are Atlas, a concise travel assistant.", id="sys")]
+    results = []
+    async with await tiermem.KVCacheManager.open(db) as mgr:
+        status = await mgr.status()
+        assert status.models["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # SmolLM2-135M, f16
+        assert mgr.context_capacity() == 8192
+        for i in range(16):
+            user = FACTS[i] if i < len(FACTS) else f"Tell me about viewpoint number {i}."
+            conversation += [
+                Message("user", user, id=f"u{i}"),
+                Message("assistant", f"Noted, thanks ({i}).", id=f"a{i}"),
+            ]
+            results.append(await mgr.process_conversation("ana", conversation))
+        clear = results[-1].clear_result
+        assert clear is not None and clear.clear_reason == tiermem.ClearReason.CONVERSATION_LIMIT
+        assert clear.summary is not None, clear.summary_error
+        assert clear.summary.text.strip()
+        assert results[-1].bridge_messages[0].startswith("[Memory compressed")
+        kept = {e.message_id for e in clear.entries_to_keep}
+        assert {"sys", "u2"} <= kept  # the system prompt and the "Important" allergy
+
+        hits = await mgr.retrieve_context("ana", "Which flight is she arriving on?", limit=5)
+        assert "u1" in [i for e in hits.entries[:3] for i in e.message_ids]
+        assert all(0 <= e.similarity_score <= 1 for e in hits.entries)
+        before = await mgr.get_session_state("ana")
+
+    async with await tiermem.KVCacheManager.open(db) as mgr:
+        after = await mgr.get_session_state("ana")
+        assert after == before or (
+            after is not None
+            and before is not None
+            and after.entry_count == before.entry_count
+            and after.clear_count == before.clear_count
+        )
+        summary = await mgr.get_summary("ana")
+        assert summary is not None and summary.clear_count == 1 and summary.message_count == 33
+
+
+async def test_embedding_dimension_mismatch_is_refused_at_open(tmp_path: Path) -> None:
+    db = tmp_path / "dims.db"
+    config = KVCacheConfig(summarizer_enabled=False)
+    async with await tiermem.KVCacheManager.open(db, config, embedder=HashingEmbedder(64)):
+        pass
+    with pytest.raises(tiermem.EmbeddingMismatchError, match="64"):
+        await tiermem.KVCacheManager.open(db, config)
+
+
+async def test_missing_or_corrupt_gguf_fails_at_open(tmp_path: Path) -> None:
+    with pytest.raises(tiermem.ModelError, match="cannot read"):
+        await tiermem.KVCacheManager.open(
+            tmp_path / "a.db", KVCacheConfig(llm_model_path=str(tmp_path / "none.gguf"))
+        )
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a model")
+    with pytest.raises(tiermem.ModelError, match="not a GGUF"):
+        await tiermem.KVCacheManager.open(
+            tmp_path / "b.db", KVCacheConfig(llm_model_path=str(fake))
+        )
