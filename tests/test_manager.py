@@ -85,7 +85,7 @@ async def test_summary_is_cumulative(
     await run_turns(manager, 32)
     assert len(summarizer.calls) == 2
     first_prior, first_lines = summarizer.calls[0]
-    second_prior, second_lines = summarizer.calls[1]
+    second_prior, _ = summarizer.calls[1]
     assert first_prior is None
     assert second_prior is not None and second_prior.startswith("summary #1")
     assert all(line.role != "system" for line in first_lines)

@@ -31,7 +31,10 @@ def _short(text: str, width: int = 96) -> str:
 
 async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheConfig) -> int:
     data: dict[str, Any] = json.loads(find_fixture(fixture).read_text(encoding="utf-8"))
-    write = lambda line="": print(line, file=out, flush=True)  # noqa: E731
+
+    def write(line: str = "") -> None:
+        print(line, file=out, flush=True)
+
     started = time.perf_counter()
     write(f"tiermem demo: database {db}")
     async with await KVCacheManager.open(db, config) as mgr:
@@ -65,7 +68,8 @@ async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheCon
                 clear = result.clear_result
                 if clear is not None:
                     write(
-                        f"  ** CLEAR ({clear.clear_reason.value}): cleared {clear.entries_cleared}, "
+                        f"  ** CLEAR ({clear.clear_reason.value}): "
+                        f"cleared {clear.entries_cleared}, "
                         f"preserved {len(clear.entries_to_keep)}, snapshot {clear.snapshot_id}"
                     )
                     for kept in clear.entries_to_keep:
@@ -76,7 +80,8 @@ async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheCon
                     if clear.summary is not None:
                         write(
                             f"     summary (clear #{clear.summary.clear_count}, "
-                            f"{clear.summary.token_count} tokens): {_short(clear.summary.text, 300)}"
+                            f"{clear.summary.token_count} tokens): "
+                            f"{_short(clear.summary.text, 300)}"
                         )
                     elif clear.summary_error:
                         write(f"     no summary: {clear.summary_error}")

@@ -195,7 +195,7 @@ class LlamaChat:
             eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
             bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
         )
-        result = formatter(messages=messages)
+        result = formatter(messages=messages)  # type: ignore[arg-type]
         stop = result.stop if isinstance(result.stop, list) else [result.stop or ""]
         return result.prompt, [s for s in stop if s]
 

@@ -14,13 +14,14 @@ a second connection, so searches run beside writes. A cancelled write rolls back
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 import anyio
@@ -32,7 +33,6 @@ import sqlite_vec
 from . import migrate
 from .errors import EmbeddingMismatchError, StorageError
 
-T = TypeVar("T")
 Row = tuple[Any, ...]
 
 MESSAGE_COLUMNS = "id, position, message_id, role, content, created_at, token_count, metadata"
@@ -183,7 +183,9 @@ class SQLiteStore:
             await self._writer.close()
 
     async def _ensure_vectors(self, model: str, dims: int) -> None:
-        rows = dict(await self._read_all("SELECT key, value FROM meta", conn=self._writer))
+        rows: dict[str, str] = dict(
+            await self._read_all("SELECT key, value FROM meta", conn=self._writer)
+        )
         known_model, known_dims = rows.get("embedding_model"), rows.get("embedding_dims")
         if known_dims is not None and int(known_dims) != dims:
             raise EmbeddingMismatchError(
@@ -219,11 +221,8 @@ class SQLiteStore:
                 with anyio.CancelScope(shield=True):
                     await self._writer.commit()
             except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self._writer.rollback()
-                    except sqlite3.Error:
-                        pass
+                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
+                    await self._writer.rollback()
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(f"write to {self.path} failed: {exc}") from exc
                 raise
@@ -390,7 +389,8 @@ class SQLiteStore:
                 rowids.append(rowid)
                 if vectors is not None:
                     await db.execute(
-                        "INSERT INTO message_vectors(rowid, session_key, embedding) VALUES (?, ?, ?)",
+                        "INSERT INTO message_vectors(rowid, session_key, embedding)"
+                        " VALUES (?, ?, ?)",
                         (rowid, key, _blob(vectors[i])),
                     )
             await self._write_state(db, key, state)
