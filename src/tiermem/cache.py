@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,27 +38,29 @@ def entry_type(role: str, content: str) -> str:
     return role
 
 
-@dataclass(slots=True)
 class ActiveCache:
-    """A session's entries in position order, with running totals."""
+    """A session's entries in position order, with running totals (read on every turn)."""
 
-    entries: list[CacheEntry] = field(default_factory=list)
+    def __init__(self) -> None:
+        self._entries: list[CacheEntry] = []
+        self.kv_bytes = 0
+        self.token_count = 0
 
     @property
-    def kv_bytes(self) -> int:
-        return sum(e.kv_bytes for e in self.entries)
-
-    @property
-    def token_count(self) -> int:
-        return sum(e.token_count for e in self.entries)
+    def entries(self) -> list[CacheEntry]:
+        return self._entries
 
     def rowids(self) -> list[int]:
-        return [e.rowid for e in self.entries]
+        return [e.rowid for e in self._entries]
 
     def by_rowid(self) -> dict[int, CacheEntry]:
-        return {e.rowid: e for e in self.entries}
+        return {e.rowid: e for e in self._entries}
 
     def add(self, new: list[CacheEntry]) -> None:
-        known = {e.rowid for e in self.entries}
-        self.entries.extend(e for e in new if e.rowid not in known)
-        self.entries.sort(key=lambda e: e.position)
+        known = {e.rowid for e in self._entries}
+        self.replace(self._entries + [e for e in new if e.rowid not in known])
+
+    def replace(self, entries: list[CacheEntry]) -> None:
+        self._entries = sorted(entries, key=lambda e: e.position)
+        self.kv_bytes = sum(e.kv_bytes for e in self._entries)
+        self.token_count = sum(e.token_count for e in self._entries)

@@ -129,6 +129,7 @@ class LlamaChat:
         self.n_ctx = n_ctx
         self._n_threads = n_threads
         self._llama: Any = None
+        self._formatter: Any = None
         self._limiter = anyio.CapacityLimiter(1)
         self.calls = 0
 
@@ -159,6 +160,7 @@ class LlamaChat:
 
         if self._llama is None:
             self._llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads)
+            self._formatter = self._make_formatter()
         self.calls += 1
         prompt, stop = self._format(messages)
         late = llama_cpp.StoppingCriteriaList([lambda _ids, _logits: time.monotonic() > deadline])
@@ -180,9 +182,8 @@ class LlamaChat:
         text = str(out["choices"][0]["text"] or "").strip()
         return text, int(out["usage"]["completion_tokens"])
 
-    def _format(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
-        """The prompt by the GGUF's own chat template (completion, unlike chat completion,
-        takes the stopping criterion that enforces the timeout)."""
+    def _make_formatter(self) -> Any:
+        """The GGUF's own chat template, compiled once per load."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         llama = self._llama
@@ -190,12 +191,16 @@ class LlamaChat:
         if not template:
             raise ModelError(f"{self.path} has no chat template")
         eos, bos = llama.token_eos(), llama.token_bos()
-        formatter = Jinja2ChatFormatter(
+        return Jinja2ChatFormatter(
             template=template,
             eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
             bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
         )
-        result = formatter(messages=messages)  # type: ignore[arg-type]
+
+    def _format(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+        """The prompt by the chat template (completion, unlike chat completion, takes the
+        stopping criterion that enforces the timeout)."""
+        result = self._formatter(messages=messages)
         stop = result.stop if isinstance(result.stop, list) else [result.stop or ""]
         return result.prompt, [s for s in stop if s]
 

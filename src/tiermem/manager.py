@@ -158,7 +158,7 @@ class KVCacheManager:
             embedder = st
         vocab: LlamaTokenizer | None = None
         needs_llm = summarizer is None and config.summarizer_enabled
-        if tokenizer is None or needs_llm or (config.kv_shape is None and not tokenizer):
+        if tokenizer is None or needs_llm or config.kv_shape is None:
             try:
                 gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
                 vocab = await anyio.to_thread.run_sync(LlamaTokenizer, gguf)
@@ -277,7 +277,7 @@ class KVCacheManager:
         state = await self._store.load_state(key)
         session = _Session(key, session_id, namespace, state, await self._store.summary(key))
         rows = await self._store.messages_by_rowid(state.pinned or [])
-        rows += await self._store.messages_after(key, state.cleared_through)
+        rows += await self._store.messages_between(key, state.cleared_through)
         session.cache.add(await self._entries(rows))
         for entry in session.cache.entries:
             access, engagement = (state.entry_stats or {}).get(str(entry.rowid), (0, 0.0))
@@ -557,7 +557,7 @@ class KVCacheManager:
         state.cleared_through = state.message_count - 1
         state.pinned = [e.rowid for e in keep]
         state.last_cleared_at = self._clock()
-        session.cache.entries = keep
+        session.cache.replace(keep)
         vectors = {e.rowid: e.vector for e in keep if e.vector is not None}
         snapshot_id = await self._store.save_clear(
             session.key, self._state_of(session), snapshot, vectors
@@ -805,7 +805,7 @@ class KVCacheManager:
     ) -> list[StoredMessage]:
         """Every stored message of the session, in order."""
         self._check_open()
-        rows = await self._store.messages_after(await self._known_key(session_id, namespace), -1)
+        rows = await self._store.messages_between(await self._known_key(session_id, namespace), -1)
         return [
             StoredMessage(
                 r.message_id,

@@ -406,15 +406,10 @@ class SQLiteStore:
         )
         return [MessageRow.of(r) for r in rows]
 
-    async def messages_after(self, key: int, position: int) -> list[MessageRow]:
-        rows = await self._read_all(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND position > ? "
-            "ORDER BY position",
-            (key, position),
-        )
-        return [MessageRow.of(r) for r in rows]
-
-    async def messages_between(self, key: int, after: int, through: int) -> list[MessageRow]:
+    async def messages_between(
+        self, key: int, after: int, through: int = 2**62
+    ) -> list[MessageRow]:
+        """The session's messages with position in (after, through], in order."""
         rows = await self._read_all(
             f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND position > ? "
             "AND position <= ? ORDER BY position",
