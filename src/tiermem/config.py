@@ -123,7 +123,10 @@ class KVCacheConfig(_Model):
     retrieval_mode: Literal["hybrid", "escalating"] = "hybrid"
     retrieval_limit: int = Field(default=20, ge=1, le=1000)
     retrieval_candidates: int = Field(default=50, ge=1, le=5000)
-    vector_weight: float = Field(default=0.6, ge=0.0, le=1.0)
+    vector_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    retrieval_neighbour_weight: float = Field(default=0.3, ge=0.0, le=1.0)
+    retrieval_query_cues: bool = True
+    retrieval_entity_hop: bool = True
     # bridges and summaries
     bridge_enabled: bool = True
     summarizer_enabled: bool = True

@@ -41,7 +41,7 @@ from .errors import (
     TierMemError,
 )
 from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
-from .retrieval import EMBED_MAX_CHARS, Retriever
+from .retrieval import EMBED_MAX_CHARS, RetrievalSettings, Retriever
 from .scoring import ImportanceScorer
 from .statistics import CacheStatistics
 from .store import MessageRow, NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
@@ -231,9 +231,15 @@ class KVCacheManager:
     def _make_retriever(self) -> Retriever:
         c = self._config
         embedder = self._embedder if c.generate_cache_embeddings else None
-        return Retriever(
-            self._store, embedder, c.retrieval_mode, c.retrieval_candidates, c.vector_weight
+        settings = RetrievalSettings(
+            mode=c.retrieval_mode,
+            candidates=c.retrieval_candidates,
+            vector_weight=c.vector_weight,
+            neighbour_weight=c.retrieval_neighbour_weight,
+            query_cues=c.retrieval_query_cues,
+            entity_hop=c.retrieval_entity_hop,
         )
+        return Retriever(self._store, embedder, settings)
 
     # -- sizes -----------------------------------------------------------------------------
 
@@ -698,15 +704,14 @@ class KVCacheManager:
         outcome = await self._retriever.search(
             session.key, session.cache.entries, query, limit, exclude
         )
-        rows = {
-            r.rowid: r for r in await self._store.messages_by_rowid([c.rowid for c in outcome.hits])
-        }
+        everything = [r for c in outcome.hits for r in (c.rowid, *c.same_text)]
+        rows = {r.rowid: r for r in await self._store.messages_by_rowid(everything)}
         hits = [
             RetrievedEntry(
                 text=rows[c.rowid].content,
                 similarity_score=round(c.score, 6),
                 source_tier=c.tier,
-                message_ids=[rows[c.rowid].message_id],
+                message_ids=[rows[r].message_id for r in (c.rowid, *c.same_text) if r in rows],
                 matched_keywords=text.matched_keywords(rows[c.rowid].content, outcome.keywords),
                 role=rows[c.rowid].role,
                 created_at=datetime.fromtimestamp(rows[c.rowid].created_at, UTC),

@@ -1,49 +1,91 @@
 """Three-tier search: the active cache (1), the session's snapshots (2), all its messages (3).
 
-Each tier is searched lexically (FTS5 bm25 over the query's keywords, each quoted) and by
-vector (cosine KNN). Candidates from every tier are merged by message, so a message found
-in tiers 1 and 3 is one hit carrying its best (lowest) tier. Every candidate is then scored
-the same way, whatever tier found it:
+Candidates: every tier is searched lexically (FTS5 bm25 over the query's keywords, each a
+quoted string) and by vector (cosine KNN, sqlite-vec partitioned by session, or in memory
+for tier 1); a query naming a period ("in March", "last week") also searches the messages
+of that period; the turns next to each candidate join them, because an answer ("Yes, a
+Skoda") often means something only after the question before it.
 
-    similarity = w * cosine_similarity + (1 - w) * bm25 / best_bm25_of_this_query
+Score, the same for every candidate whatever tier found it, so scores compare across tiers:
 
-clamped to [0, 1]; higher is better, and scores are comparable across tiers.
+    base    = w * cosine + (1 - w) * bm25 / best_bm25           (fusion; w = vector_weight)
+    context = base + neighbour_weight * base(previous turn)     (capped at 1)
+    cues    = context, scaled down for messages outside the period the query names, from
+              the other speaker than the one it asks about, or older when it asks "now"
+    hop     = names in the best hits (the sister's name in "I'm visiting Marta") are
+              searched again; what they find scores up to hop_weight x its parent's score
 
-`hybrid` (the default) searches all tiers; `escalating` is the seed's rule: tier 2 only if
-tier 1 found fewer than 5 relevant entries, tier 3 only if tiers 1 and 2 found fewer than 3.
+`similarity_score` = that score, in [0, 1], higher is better. A message found in several
+tiers is one hit with its lowest tier (1 active, 2 snapshot, 3 history).
+`escalating` mode is the seed's rule instead: tier 2 only if tier 1 found fewer than 5
+relevant entries, tier 3 only if tiers 1 and 2 found fewer than 3; no context, cues or hop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+import math
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import query as query_cues
 from . import text
 from .cache import CacheEntry
 from .embedder import Embedder
-from .store import SQLiteStore
+from .store import MessageRow, SQLiteStore
 
 ESCALATE_TIER2_BELOW = 5
 ESCALATE_TIER3_BELOW = 3
-RELEVANT_COSINE = 0.35
+RELEVANT_COSINE = 0.2
+MIN_SCORE = 0.1
+BM25_SCALE = 10.0
 EMBED_MAX_CHARS = 4000
+WINDOW_CANDIDATES = 2000
+# how much a cue scales down what it does not point at
+OUTSIDE_WINDOW = 0.5
+OTHER_SPEAKER = 0.85
+OLDEST_WHEN_LATEST = 0.8
+HOP_TOP_HITS = 3
+SAME_SITTING_SECONDS = 1800.0
+HOP_NAMES = 4
+HOP_MAX_LINKS = 5
+_NOT_NAMES = (
+    text.STOP_WORDS
+    | set(query_cues.MONTHS)
+    | {
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    }
+)
+_NAME = re.compile(r"\b([A-ZÀ-Ý][\w'’-]+)", re.UNICODE)
 
 
 @dataclass(slots=True)
 class Candidate:
     rowid: int
-    tier: int
+    tier: int = 3
     lexical: float | None = None
     distance: float | None = None
+    base: float = 0.0
     score: float = 0.0
+    row: MessageRow | None = field(default=None, repr=False)
+    # messages with the same text, folded into this hit (rowids, best first)
+    same_text: list[int] = field(default_factory=list)
+
+    @property
+    def cosine(self) -> float:
+        return 1.0 - self.distance if self.distance is not None else 0.0
 
     def relevant(self) -> bool:
-        return bool(self.lexical) or (
-            self.distance is not None and 1.0 - self.distance >= RELEVANT_COSINE
-        )
+        return bool(self.lexical) or self.cosine >= RELEVANT_COSINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,20 +95,24 @@ class SearchOutcome:
     keywords: list[str]
 
 
+@dataclass(frozen=True, slots=True)
+class RetrievalSettings:
+    mode: str = "hybrid"
+    candidates: int = 50
+    vector_weight: float = 0.7
+    neighbour_weight: float = 0.3
+    query_cues: bool = True
+    entity_hop: bool = True
+    hop_weight: float = 0.85
+
+
 class Retriever:
     def __init__(
-        self,
-        store: SQLiteStore,
-        embedder: Embedder | None,
-        mode: str,
-        candidates: int,
-        vector_weight: float,
+        self, store: SQLiteStore, embedder: Embedder | None, settings: RetrievalSettings
     ) -> None:
         self._store = store
         self._embedder = embedder
-        self._mode = mode
-        self._k = candidates
-        self._vector_weight = vector_weight
+        self._s = settings
 
     async def search(
         self,
@@ -76,36 +122,53 @@ class Retriever:
         limit: int,
         exclude: Collection[int] = (),
     ) -> SearchOutcome:
-        terms = text.keywords(query)
+        hybrid = self._s.mode != "escalating"
+        cues = query_cues.QueryCues(topic=query)
+        if hybrid and self._s.query_cues:
+            reference = await self._store.latest_time(key)
+            if reference is not None:
+                cues = query_cues.analyse(query, reference)
+        terms = text.keywords(cues.topic) or text.keywords(query)
+        self._terms = terms
         fts = text.fts_query(terms)
         vector = None
         if self._embedder is not None and query.strip():
             vector = (await self._embedder.embed([query[:EMBED_MAX_CHARS]]))[0]
+        active_ids = {e.rowid for e in active}
+        snapshot_ids = set(await self._store.snapshot_message_rowids(key))
 
         found: dict[int, Candidate] = {}
         tiers: list[int] = []
         for tier in (1, 2, 3):
-            if self._mode == "escalating" and tier > 1:
+            if self._s.mode == "escalating" and tier > 1:
                 relevant = sum(1 for c in found.values() if c.relevant())
-                limit_for_tier = ESCALATE_TIER2_BELOW if tier == 2 else ESCALATE_TIER3_BELOW
-                if relevant >= limit_for_tier:
+                if relevant >= (ESCALATE_TIER2_BELOW if tier == 2 else ESCALATE_TIER3_BELOW):
                     break
             tiers.append(tier)
             lexical, vectors = await self._search_tier(tier, key, active, fts, vector)
-            for rowid, score in lexical:
-                c = found.setdefault(rowid, Candidate(rowid, tier))
-                c.lexical = max(c.lexical or 0.0, score)
-            for rowid, distance in vectors:
-                c = found.setdefault(rowid, Candidate(rowid, tier))
-                c.distance = distance if c.distance is None else min(c.distance, distance)
+            _merge(found, lexical, vectors)
+            if self._s.mode == "escalating":
+                await self._complete(found, fts, vector)
 
+        if cues.window is not None:
+            within = await self._store.rowids_between_times(key, *cues.window, WINDOW_CANDIDATES)
+            await self._search_within(found, within, fts, vector)
+        await self._attach_rows(key, found, with_neighbours=hybrid)
+        await self._complete(found, fts, vector)
         for rowid in exclude:
             found.pop(rowid, None)
-        await self._complete(found, fts, vector)
-        self._score(found.values(), has_lexical=bool(fts), has_vector=vector is not None)
+        for c in found.values():
+            c.tier = 1 if c.rowid in active_ids else 2 if c.rowid in snapshot_ids else 3
+        allowed = set(tiers)
+        found = {r: c for r, c in found.items() if c.tier in allowed}
+
+        self._fuse(found.values(), has_lexical=bool(fts), has_vector=vector is not None)
+        self._score(found, cues if hybrid and self._s.query_cues else None)
+        if hybrid and self._s.entity_hop:
+            await self._hop(key, found, terms, vector, exclude, allowed, active_ids, snapshot_ids)
         ranked = sorted(found.values(), key=lambda c: (-c.score, c.tier, -c.rowid))
-        hits = [c for c in ranked if c.relevant()][:limit]
-        return SearchOutcome(hits, tiers, terms)
+        hits = _collapse([c for c in ranked if c.score >= MIN_SCORE])
+        return SearchOutcome(hits[:limit], tiers, terms)
 
     async def _search_tier(
         self,
@@ -115,27 +178,57 @@ class Retriever:
         fts: str,
         vector: np.ndarray[Any, Any] | None,
     ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        k = self._s.candidates
         lexical: list[tuple[int, float]] = []
         vectors: list[tuple[int, float]] = []
         if tier == 1:
             if fts:
-                lexical = await self._store.lexical_search(
-                    fts, key, self._k, within=[e.rowid for e in active]
-                )
+                within = [e.rowid for e in active]
+                lexical = await self._store.lexical_search(fts, key, k, within=within)
             if vector is not None:
-                vectors = _nearest_in_memory(active, vector, self._k)
+                vectors = _nearest_in_memory(active, vector, k)
         elif tier == 2:
             if fts:
                 within = await self._store.snapshot_message_rowids(key)
-                lexical = await self._store.lexical_search(fts, key, self._k, within=within)
+                lexical = await self._store.lexical_search(fts, key, k, within=within)
             if vector is not None:
-                vectors = await self._store.snapshot_vector_search(vector, key, self._k)
+                vectors = await self._store.snapshot_vector_search(vector, key, k)
         else:
             if fts:
-                lexical = await self._store.lexical_search(fts, key, self._k)
+                lexical = await self._store.lexical_search(fts, key, k)
             if vector is not None:
-                vectors = await self._store.vector_search(vector, key, self._k)
+                vectors = await self._store.vector_search(vector, key, k)
         return lexical, vectors
+
+    async def _search_within(
+        self,
+        found: dict[int, Candidate],
+        within: Sequence[int],
+        fts: str,
+        vector: np.ndarray[Any, Any] | None,
+    ) -> None:
+        """Add the best matches among `within` (the messages of the period asked about)."""
+        if not within:
+            return
+        k = self._s.candidates
+        lexical = await self._store.lexical_search(fts, 0, k, within=within) if fts else []
+        vectors: list[tuple[int, float]] = []
+        if vector is not None:
+            distances = await self._store.distances(vector, within)
+            vectors = sorted(distances.items(), key=lambda item: item[1])[:k]
+        _merge(found, lexical, vectors)
+
+    async def _attach_rows(
+        self, key: int, found: dict[int, Candidate], with_neighbours: bool
+    ) -> None:
+        """Load every candidate's message; with neighbours, the turns beside them join."""
+        rows = await self._store.messages_by_rowid(list(found))
+        for row in rows:
+            found[row.rowid].row = row
+        if with_neighbours and self._s.neighbour_weight > 0:
+            positions = {r.position + step for r in rows for step in (-1, 1)}
+            for row in await self._store.messages_at(key, positions):
+                found.setdefault(row.rowid, Candidate(row.rowid)).row = row
 
     async def _complete(
         self, found: dict[int, Candidate], fts: str, vector: np.ndarray[Any, Any] | None
@@ -147,18 +240,149 @@ class Retriever:
                 found[rowid].distance = distance
         no_lexical = [r for r, c in found.items() if c.lexical is None]
         if fts and no_lexical:
-            for rowid, score in await self._store.lexical_search(
-                fts, 0, len(no_lexical), within=no_lexical
-            ):
-                found[rowid].lexical = score
+            scores = dict(await self._store.lexical_search(fts, 0, len(no_lexical), no_lexical))
+            for rowid in no_lexical:
+                found[rowid].lexical = scores.get(rowid, 0.0)
 
-    def _score(self, found: Collection[Candidate], has_lexical: bool, has_vector: bool) -> None:
-        best = max((c.lexical or 0.0 for c in found), default=0.0)
-        w = self._vector_weight if (has_lexical and has_vector) else (1.0 if has_vector else 0.0)
+    def _fuse(self, found: Collection[Candidate], has_lexical: bool, has_vector: bool) -> None:
+        """base = w * cosine + (1 - w) * lexical, where lexical = (1 - exp(-bm25 / 10)) x the
+        share of the query's keywords the message holds: a strong match on every keyword
+        counts fully, a match on one common word of five barely counts."""
+        w = self._s.vector_weight if (has_lexical and has_vector) else float(has_vector)
+        terms = self._terms
         for c in found:
-            cosine = 1.0 - c.distance if c.distance is not None else 0.0
-            lexical = (c.lexical or 0.0) / best if best > 0 else 0.0
-            c.score = min(1.0, max(0.0, w * cosine + (1.0 - w) * lexical))
+            lexical = 0.0
+            if c.lexical and c.row is not None and terms:
+                coverage = len(text.matched_keywords(c.row.content, terms)) / len(terms)
+                lexical = (1.0 - math.exp(-c.lexical / BM25_SCALE)) * coverage
+            c.base = _clamp(w * max(0.0, c.cosine) + (1.0 - w) * lexical)
+
+    def _score(self, found: dict[int, Candidate], cues: query_cues.QueryCues | None) -> None:
+        by_position = {c.row.position: c for c in found.values() if c.row is not None}
+        newest = max(by_position, default=0)
+        beta = self._s.neighbour_weight if cues is not None else 0.0
+        for c in found.values():
+            score = c.base
+            if beta and c.row is not None:
+                previous = by_position.get(c.row.position - 1)
+                if previous is not None and previous.row and _answers(c.row, previous.row, cues):
+                    score += beta * previous.base
+            if cues is not None and c.row is not None:
+                score *= _cue_factor(c.row, cues, newest)
+            c.score = _clamp(score)
+
+    async def _hop(
+        self,
+        key: int,
+        found: dict[int, Candidate],
+        terms: Sequence[str],
+        vector: np.ndarray[Any, Any] | None,
+        exclude: Collection[int],
+        allowed: set[int],
+        active_ids: set[int],
+        snapshot_ids: set[int],
+    ) -> None:
+        """Search again for the names the best hits mention and the query does not."""
+        top = sorted(found.values(), key=lambda c: -c.score)[:HOP_TOP_HITS]
+        asked = set(terms)
+        for parent in top:
+            if parent.row is None:
+                continue
+            names = [n for n in names_in(parent.row.content) if n not in asked]
+            if not names:
+                continue
+            hits = []
+            for name in names[:HOP_NAMES]:
+                linked = await self._store.lexical_search(
+                    text.fts_query([name]), key, HOP_MAX_LINKS + 1
+                )
+                if 1 < len(linked) <= HOP_MAX_LINKS:
+                    hits += [(rowid, 1.0) for rowid, _ in linked if rowid != parent.rowid]
+            if not hits:
+                continue
+            best = 1.0
+            new = {rowid: Candidate(rowid) for rowid, _ in hits if rowid not in found}
+            if new:
+                for row in await self._store.messages_by_rowid(list(new)):
+                    new[row.rowid].row = row
+                if vector is not None:
+                    for rowid, distance in (await self._store.distances(vector, list(new))).items():
+                        new[rowid].distance = distance
+                for c in new.values():
+                    c.tier = 1 if c.rowid in active_ids else 2 if c.rowid in snapshot_ids else 3
+                    c.lexical = 0.0
+                    c.base = c.score = _clamp(self._s.vector_weight * max(0.0, c.cosine))
+            for rowid, score in hits:
+                c = found.get(rowid) or new[rowid]
+                if rowid in exclude or c.tier not in allowed:
+                    continue
+                hop = self._s.hop_weight * parent.score * (score / best if best > 0 else 0.0)
+                c.score = max(c.score, hop)
+                found[rowid] = c
+
+
+def names_in(content: str) -> list[str]:
+    """Capitalised words not opening a sentence, lower-cased: likely names of people,
+    places, pets. "I" and stop words are left out."""
+    out: dict[str, None] = {}
+    for match in _NAME.finditer(content):
+        word = text.words(match[1])
+        if word and word[0] not in _NOT_NAMES and len(word[0]) > 1:
+            out.setdefault(word[0], None)
+    return list(out)
+
+
+def _answers(row: MessageRow, previous: MessageRow, cues: query_cues.QueryCues | None) -> bool:
+    """Is `row` the other speaker's reply to a question in `previous`, within one sitting,
+    from the speaker the query asks about? Then the question is its context."""
+    return (
+        previous.role != row.role
+        and previous.content.rstrip().endswith("?")
+        and row.created_at - previous.created_at <= SAME_SITTING_SECONDS
+        and (cues is None or cues.role in (None, row.role))
+    )
+
+
+def _collapse(ranked: Sequence[Candidate]) -> list[Candidate]:
+    """One hit per distinct text: repeats fold into the best-scoring one's `same_text`."""
+    first: dict[str, Candidate] = {}
+    for c in ranked:
+        if c.row is None:
+            first[f"#{c.rowid}"] = c
+            continue
+        folded = " ".join(c.row.content.lower().split())
+        kept = first.setdefault(folded, c)
+        if kept is not c:
+            kept.same_text.append(c.rowid)
+    return list(first.values())
+
+
+def _cue_factor(row: MessageRow, cues: query_cues.QueryCues, newest: int) -> float:
+    factor = 1.0
+    if cues.window is not None and not cues.window[0] <= row.created_at < cues.window[1]:
+        factor *= OUTSIDE_WINDOW
+    if cues.role is not None and row.role != cues.role:
+        factor *= OTHER_SPEAKER
+    if cues.latest and newest > 0:
+        factor *= OLDEST_WHEN_LATEST + (1.0 - OLDEST_WHEN_LATEST) * row.position / newest
+    return factor
+
+
+def _merge(
+    found: dict[int, Candidate],
+    lexical: Iterable[tuple[int, float]],
+    vectors: Iterable[tuple[int, float]],
+) -> None:
+    for rowid, score in lexical:
+        c = found.setdefault(rowid, Candidate(rowid))
+        c.lexical = max(c.lexical or 0.0, score)
+    for rowid, distance in vectors:
+        c = found.setdefault(rowid, Candidate(rowid))
+        c.distance = distance if c.distance is None else min(c.distance, distance)
+
+
+def _clamp(value: float) -> float:
+    return min(1.0, max(0.0, value))
 
 
 def _nearest_in_memory(

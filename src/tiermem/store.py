@@ -417,6 +417,36 @@ class SQLiteStore:
         )
         return [MessageRow.of(r) for r in rows]
 
+    async def messages_at(self, key: int, positions: Iterable[int]) -> list[MessageRow]:
+        """The session's messages at the given positions (those that exist)."""
+        wanted = sorted({p for p in positions if p >= 0})
+        if not wanted:
+            return []
+        rows = await self._read_all(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND position IN "
+            "(SELECT value FROM json_each(?))",
+            (key, _ids_json(wanted)),
+        )
+        return [MessageRow.of(r) for r in rows]
+
+    async def rowids_between_times(
+        self, key: int, start: float, end: float, limit: int
+    ) -> list[int]:
+        """The session's message rowids created in [start, end), newest first, at most `limit`."""
+        rows = await self._read_all(
+            "SELECT id FROM messages WHERE session_key = ? AND created_at >= ? AND created_at < ?"
+            " ORDER BY created_at DESC LIMIT ?",
+            (key, start, end, limit),
+        )
+        return [int(r[0]) for r in rows]
+
+    async def latest_time(self, key: int) -> float | None:
+        """When the session's newest message was created."""
+        row = await self._read_one(
+            "SELECT MAX(created_at) FROM messages WHERE session_key = ?", (key,)
+        )
+        return float(row[0]) if row and row[0] is not None else None
+
     async def message_vectors(self, rowids: Sequence[int]) -> dict[int, np.ndarray[Any, Any]]:
         if not rowids:
             return {}

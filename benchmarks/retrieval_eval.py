@@ -1,0 +1,211 @@
+"""Retrieval quality: evidence recall@5 and @10 of `retrieve_context` beside plain baselines.
+
+Each conversation of fixtures/retrieval_eval.json (5 users, 320 turns each, seven months of
+timestamped chat) is fed through `process_conversation` turn by turn with the default
+config and the bundled models, so clears, snapshots and summaries happen as in production.
+Then every question is asked with `retrieve_context(limit=10)`. A question's recall@k is
+the share of its evidence messages among the top k hits; the table averages it overall
+and per question type. In the same run, on the same stored messages and vectors:
+
+- bm25: FTS5 bm25 over all the conversation's messages, the question's words OR-ed;
+- vector: exact cosine (numpy) between the question's MiniLM embedding and every message;
+- ablations: the default with one retrieval feature turned off at a time.
+
+Run: .venv/bin/python benchmarks/retrieval_eval.py [--no-summarizer] [--keep DIR]
+(`--no-summarizer` skips the LLM to iterate faster; it does not change what is stored or
+searched, only the summaries. `--keep DIR` keeps the databases and reuses them.)
+Prints a table and writes benchmarks/results/retrieval_eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pysqlite3.dbapi2 as sqlite3
+import sqlite_vec
+
+import tiermem
+from tiermem.embedder import SentenceTransformerEmbedder
+from tiermem.text import words
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "fixtures" / "retrieval_eval.json"
+RESULTS = ROOT / "benchmarks" / "results"
+K = (5, 10)
+
+# One retrieval feature off at a time (config overrides on the default).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no neighbour context": {"retrieval_neighbour_weight": 0.0},
+    "no time/speaker cues": {"retrieval_query_cues": False},
+    "no name hop": {"retrieval_entity_hop": False},
+    "vector only in fusion": {"vector_weight": 1.0},
+    "bm25 only in fusion": {"vector_weight": 0.0},
+}
+
+
+def turns(messages: list[dict[str, Any]]) -> list[list[tiermem.Message]]:
+    """Messages grouped by turn (the id without its last part), in order."""
+    grouped: dict[str, list[tiermem.Message]] = {}
+    for m in messages:
+        turn = m["id"].rsplit("-", 1)[0]
+        grouped.setdefault(turn, []).append(
+            tiermem.Message(
+                m["role"],
+                m["content"],
+                id=m["id"],
+                created_at=datetime.fromisoformat(m["created_at"]),
+            )
+        )
+    return list(grouped.values())
+
+
+def recall(ranked: list[list[str]], evidence: list[str], k: int) -> float:
+    """Share of `evidence` among the top k hits (a hit carries the ids of every message
+    with its text: tiermem folds repeats into one hit, the baselines do not)."""
+    top = {i for hit in ranked[:k] for i in hit}
+    return sum(1 for e in evidence if e in top) / len(evidence)
+
+
+async def feed(db: Path, conv: dict[str, Any], config: tiermem.KVCacheConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    clears = 0
+    async with await tiermem.KVCacheManager.open(db, config=config) as mgr:
+        for turn in turns(conv["messages"]):
+            result = await mgr.process_conversation(conv["id"], turn)
+            clears += result.should_clear_cache
+        summary = await mgr.get_summary(conv["id"])
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "clears": clears,
+        "summary_clears": summary.clear_count if summary else 0,
+    }
+
+
+async def ask(
+    db: Path, conv: dict[str, Any], config: tiermem.KVCacheConfig
+) -> dict[str, dict[str, list[list[str]]]]:
+    """Ranked message ids per question, for the default and each ablation."""
+    out: dict[str, dict[str, list[list[str]]]] = defaultdict(dict)
+    async with await tiermem.KVCacheManager.open(db, config=config) as mgr:
+        for name, overrides in {"tiermem": {}, **ABLATIONS}.items():
+            mgr.update_config(config.replace(**overrides))
+            for q in conv["questions"]:
+                hits = await mgr.retrieve_context(conv["id"], q["question"], limit=10)
+                out[name][q["id"]] = [h.message_ids for h in hits.entries]
+    return out
+
+
+def baselines(
+    db: Path, conv: dict[str, Any], embedder: SentenceTransformerEmbedder
+) -> dict[str, dict[str, list[list[str]]]]:
+    conn = sqlite3.connect(str(db))
+    conn.enable_load_extension(True)
+    sqlite_vec.load(conn)
+    key = conn.execute("SELECT id FROM sessions WHERE session_id = ?", (conv["id"],)).fetchone()[0]
+    rows = conn.execute(
+        "SELECT m.id, m.message_id, v.embedding FROM messages m "
+        "JOIN message_vectors v ON v.rowid = m.id WHERE m.session_key = ?",
+        (key,),
+    ).fetchall()
+    ids = [r[1] for r in rows]
+    matrix = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+    questions = [q["question"] for q in conv["questions"]]
+    vectors = anyio.run(embedder.embed, questions)
+    out: dict[str, dict[str, list[list[str]]]] = {"bm25": {}, "vector": {}}
+    for q, qv in zip(conv["questions"], vectors, strict=True):
+        terms = words(q["question"])
+        query = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+        out["bm25"][q["id"]] = [
+            [r[0]]
+            for r in conn.execute(
+                "SELECT m.message_id FROM messages_fts f JOIN messages m ON m.id = f.rowid "
+                "WHERE messages_fts MATCH ? AND m.session_key = ? ORDER BY bm25(messages_fts) "
+                "LIMIT 10",
+                (query, key),
+            )
+        ]
+        order = np.argsort(-(matrix @ qv))[:10]
+        out["vector"][q["id"]] = [[ids[i]] for i in order]
+    conn.close()
+    return out
+
+
+def table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
+    head = f"{'method':<24}" + "".join(f"{c:>14}" for c in columns)
+    lines = [head, "-" * len(head)]
+    for name, values in rows.items():
+        lines.append(f"{name:<24}" + "".join(f"{values.get(c, 0.0):>14.3f}" for c in columns))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    data = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    config = tiermem.KVCacheConfig(summarizer_enabled=not args.no_summarizer)
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tiermem-eval-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    embedder = SentenceTransformerEmbedder()
+    ranked: dict[str, dict[str, list[list[str]]]] = defaultdict(dict)
+    feeds = {}
+    questions = {}
+    for conv in data["conversations"][: args.conversations]:
+        db = folder / f"{conv['id']}.db"
+        if not db.exists():
+            feeds[conv["id"]] = anyio.run(feed, db, conv, config)
+            print(f"fed {conv['id']}: {feeds[conv['id']]}", flush=True)
+        for name, per_q in anyio.run(ask, db, conv, config).items():
+            ranked[name].update(per_q)
+        for name, per_q in baselines(db, conv, embedder).items():
+            ranked[name].update(per_q)
+        questions.update({q["id"]: q for q in conv["questions"]})
+
+    types = sorted({q["type"] for q in questions.values()})
+    columns = [f"all@{k}" for k in K] + [f"{t}@10" for t in types]
+    scores: dict[str, dict[str, float]] = {}
+    order = ["bm25", "vector", "tiermem", *ABLATIONS]
+    for name in order:
+        per_type: dict[str, list[float]] = defaultdict(list)
+        for qid, q in questions.items():
+            for k in K:
+                per_type[f"all@{k}"].append(recall(ranked[name][qid], q["evidence"], k))
+            per_type[f"{q['type']}@10"].append(recall(ranked[name][qid], q["evidence"], 10))
+        scores[name] = {c: float(np.mean(v)) for c, v in per_type.items()}
+    counts = {t: sum(1 for q in questions.values() if q["type"] == t) for t in types}
+    print(f"\n{len(questions)} questions ({', '.join(f'{t} {n}' for t, n in counts.items())})")
+    print(table(scores, columns))
+    best = max(scores["bm25"]["all@10"], scores["vector"]["all@10"])
+    margin = scores["tiermem"]["all@10"] - best
+    print(f"\ntiermem recall@10 - best baseline = {margin * 100:+.1f} points")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    misses = {
+        qid: {"question": q["question"], "evidence": q["evidence"], "top10": ranked["tiermem"][qid]}
+        for qid, q in questions.items()
+        if recall(ranked["tiermem"][qid], q["evidence"], 10) < 1.0
+    }
+    report = {
+        "questions": len(questions),
+        "per_type": counts,
+        "scores": scores,
+        "margin_at_10": margin,
+        "feeds": feeds,
+        "summarizer": not args.no_summarizer,
+        "misses": misses,
+    }
+    (RESULTS / "retrieval_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("questions", "margin_at_10", "feeds")}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-summarizer", action="store_true")
+    parser.add_argument("--keep", help="folder for the databases (reused when present)")
+    parser.add_argument("--conversations", type=int, default=5)
+    main(parser.parse_args())
