@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import numpy as np
 import psutil
 
 from . import bridge, text
@@ -379,12 +380,7 @@ class KVCacheManager:
         counts = await anyio.to_thread.run_sync(self._tokens.count, contents)
         vectors = None
         if self._config.generate_cache_embeddings:
-            vectors = await self._embedder.embed([c[:EMBED_MAX_CHARS] for c in contents])
-            if vectors.shape != (len(contents), self._store.dimensions):
-                raise ModelError(
-                    f"embedder returned shape {vectors.shape}, expected "
-                    f"({len(contents)}, {self._store.dimensions})"
-                )
+            vectors = await self._vectors_for([h for _, h in fresh], contents)
         now = self._clock()
         rows, digest, position = [], state.prefix_digest, state.message_count
         for (m, h), tokens in zip(fresh, counts, strict=True):
@@ -413,6 +409,21 @@ class KVCacheManager:
         ]
         by_rowid = {} if vectors is None else dict(zip(rowids, vectors, strict=True))
         return self._make_entries(stored, by_rowid)
+
+    async def _vectors_for(self, hashes: Sequence[str], contents: Sequence[str]) -> Any:
+        """One vector per text: reused when the database already holds that text's vector,
+        embedded (in one batch, off the event loop) otherwise."""
+        known = await self._store.vectors_by_hash(hashes)
+        missing = sorted({h: i for i, h in enumerate(hashes) if h not in known}.values())
+        if missing:
+            fresh = await self._embedder.embed([contents[i][:EMBED_MAX_CHARS] for i in missing])
+            if fresh.shape != (len(missing), self._store.dimensions):
+                raise ModelError(
+                    f"embedder returned shape {fresh.shape}, expected "
+                    f"({len(missing)}, {self._store.dimensions})"
+                )
+            known.update((hashes[i], vector) for i, vector in zip(missing, fresh, strict=True))
+        return np.stack([known[h] for h in hashes]).astype(np.float32, copy=False)
 
     def _validate(self, messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):

@@ -192,6 +192,12 @@ class SQLiteStore:
                 f"database {self.path} holds {known_dims}-dimensional vectors from "
                 f"{known_model!r}; the configured embedding model {model!r} gives {dims}"
             )
+        if known_model is not None and known_model != model:
+            raise EmbeddingMismatchError(
+                f"database {self.path} holds vectors from {known_model!r}, not from the "
+                f"configured embedding model {model!r}: searching them with another model's "
+                "queries would silently return noise"
+            )
         async with self.transaction() as db:
             for table in ("message_vectors", "snapshot_entry_vectors"):
                 await db.execute(
@@ -456,6 +462,19 @@ class SQLiteStore:
             (_ids_json(rowids),),
         )
         return {int(r[0]): np.frombuffer(r[1], dtype=np.float32) for r in rows}
+
+    async def vectors_by_hash(self, hashes: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        """Stored vectors of messages with these content hashes (any session): a text is
+        embedded once per database, since every vector in it comes from one model."""
+        if not hashes:
+            return {}
+        rows = await self._read_all(
+            "SELECT m.content_hash, v.embedding FROM messages m "
+            "JOIN message_vectors v ON v.rowid = m.id "
+            "WHERE m.content_hash IN (SELECT value FROM json_each(?)) GROUP BY m.content_hash",
+            (json.dumps(sorted(set(hashes))),),
+        )
+        return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
 
     async def mark_retrieved(self, rowids: Sequence[int]) -> None:
         if rowids:
