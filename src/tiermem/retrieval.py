@@ -29,6 +29,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import numpy as np
 
 from . import query as query_cues
@@ -44,6 +45,8 @@ MIN_SCORE = 0.1
 BM25_SCALE = 10.0
 EMBED_MAX_CHARS = 4000
 WINDOW_CANDIDATES = 2000
+# the session's best lexical matches fetched once per search; every tier draws on them
+LEXICAL_POOL = 1000
 # how much a cue scales down what it does not point at
 OUTSIDE_WINDOW = 0.5
 OTHER_SPEAKER = 0.85
@@ -129,13 +132,17 @@ class Retriever:
             if reference is not None:
                 cues = query_cues.analyse(query, reference)
         terms = text.keywords(cues.topic) or text.keywords(query)
-        self._terms = terms
         fts = text.fts_query(terms)
-        vector = None
-        if self._embedder is not None and query.strip():
-            vector = (await self._embedder.embed([query[:EMBED_MAX_CHARS]]))[0]
-        active_ids = {e.rowid for e in active}
-        snapshot_ids = set(await self._store.snapshot_message_rowids(key))
+        embedded: list[np.ndarray[Any, Any]] = []
+        async with anyio.create_task_group() as tg:
+            # the query's embedding (a model thread) runs beside the reads (the DB thread)
+            if self._embedder is not None and query.strip():
+                tg.start_soon(self._embed, query, embedded)
+            active_ids = {e.rowid for e in active}
+            snapshot_ids = set(await self._store.snapshot_message_rowids(key))
+            pool = await self._store.lexical_search(fts, key, LEXICAL_POOL) if fts else []
+        vector = embedded[0] if embedded else None
+        floor = pool[-1][1] if len(pool) == LEXICAL_POOL else 0.0
 
         found: dict[int, Candidate] = {}
         tiers: list[int] = []
@@ -145,16 +152,16 @@ class Retriever:
                 if relevant >= (ESCALATE_TIER2_BELOW if tier == 2 else ESCALATE_TIER3_BELOW):
                     break
             tiers.append(tier)
-            lexical, vectors = await self._search_tier(tier, key, active, fts, vector)
+            lexical, vectors = await self._search_tier(
+                tier, key, active, pool, snapshot_ids, vector
+            )
             _merge(found, lexical, vectors)
-            if self._s.mode == "escalating":
-                await self._complete(found, fts, vector)
 
         if cues.window is not None:
             within = await self._store.rowids_between_times(key, *cues.window, WINDOW_CANDIDATES)
-            await self._search_within(found, within, fts, vector)
+            await self._search_within(found, within, pool, vector)
         await self._attach_rows(key, found, with_neighbours=hybrid)
-        await self._complete(found, fts, vector)
+        await self._complete(found, dict(pool), floor, vector)
         for rowid in exclude:
             found.pop(rowid, None)
         for c in found.values():
@@ -162,7 +169,7 @@ class Retriever:
         allowed = set(tiers)
         found = {r: c for r, c in found.items() if c.tier in allowed}
 
-        self._fuse(found.values(), has_lexical=bool(fts), has_vector=vector is not None)
+        self._fuse(found.values(), terms, has_vector=vector is not None)
         self._score(found, cues if hybrid and self._s.query_cues else None)
         if hybrid and self._s.entity_hop:
             await self._hop(key, found, terms, vector, exclude, allowed, active_ids, snapshot_ids)
@@ -170,48 +177,49 @@ class Retriever:
         hits = _collapse([c for c in ranked if c.score >= MIN_SCORE])
         return SearchOutcome(hits[:limit], tiers, terms)
 
+    async def _embed(self, query: str, into: list[np.ndarray[Any, Any]]) -> None:
+        assert self._embedder is not None
+        into.append((await self._embedder.embed([query[:EMBED_MAX_CHARS]]))[0])
+
     async def _search_tier(
         self,
         tier: int,
         key: int,
         active: Sequence[CacheEntry],
-        fts: str,
+        pool: Sequence[tuple[int, float]],
+        snapshot_ids: Collection[int],
         vector: np.ndarray[Any, Any] | None,
     ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """A tier's best lexical matches (from the session's pool) and nearest vectors."""
         k = self._s.candidates
-        lexical: list[tuple[int, float]] = []
         vectors: list[tuple[int, float]] = []
+        members: Collection[int] = snapshot_ids
         if tier == 1:
-            if fts:
-                within = [e.rowid for e in active]
-                lexical = await self._store.lexical_search(fts, key, k, within=within)
+            members = {e.rowid for e in active}
             if vector is not None:
                 vectors = _nearest_in_memory(active, vector, k)
         elif tier == 2:
-            if fts:
-                within = await self._store.snapshot_message_rowids(key)
-                lexical = await self._store.lexical_search(fts, key, k, within=within)
             if vector is not None:
                 vectors = await self._store.snapshot_vector_search(vector, key, k)
-        else:
-            if fts:
-                lexical = await self._store.lexical_search(fts, key, k)
-            if vector is not None:
-                vectors = await self._store.vector_search(vector, key, k)
-        return lexical, vectors
+        elif vector is not None:
+            vectors = await self._store.vector_search(vector, key, k)
+        if tier == 3:
+            return list(pool[:k]), vectors
+        return [(r, s) for r, s in pool if r in members][:k], vectors
 
     async def _search_within(
         self,
         found: dict[int, Candidate],
         within: Sequence[int],
-        fts: str,
+        pool: Sequence[tuple[int, float]],
         vector: np.ndarray[Any, Any] | None,
     ) -> None:
         """Add the best matches among `within` (the messages of the period asked about)."""
         if not within:
             return
         k = self._s.candidates
-        lexical = await self._store.lexical_search(fts, 0, k, within=within) if fts else []
+        members = set(within)
+        lexical = [(r, s) for r, s in pool if r in members][:k]
         vectors: list[tuple[int, float]] = []
         if vector is not None:
             distances = await self._store.distances(vector, within)
@@ -221,35 +229,43 @@ class Retriever:
     async def _attach_rows(
         self, key: int, found: dict[int, Candidate], with_neighbours: bool
     ) -> None:
-        """Load every candidate's message; with neighbours, the turns beside them join."""
+        """Load every candidate's message. With neighbours, questions just before a
+        candidate and answers just after one join, since context flows from a question
+        to its answer (see `_answers`)."""
         rows = await self._store.messages_by_rowid(list(found))
         for row in rows:
             found[row.rowid].row = row
-        if with_neighbours and self._s.neighbour_weight > 0:
-            positions = {r.position + step for r in rows for step in (-1, 1)}
-            for row in await self._store.messages_at(key, positions):
-                found.setdefault(row.rowid, Candidate(row.rowid)).row = row
+        if not with_neighbours or self._s.neighbour_weight <= 0:
+            return
+        before = {r.position - 1 for r in rows}
+        after = {r.position + 1 for r in rows if _is_question(r)}
+        for row in await self._store.messages_at(key, before | after):
+            if row.rowid not in found and (row.position in after or _is_question(row)):
+                found[row.rowid] = Candidate(row.rowid, row=row)
 
     async def _complete(
-        self, found: dict[int, Candidate], fts: str, vector: np.ndarray[Any, Any] | None
+        self,
+        found: dict[int, Candidate],
+        pool: dict[int, float],
+        floor: float,
+        vector: np.ndarray[Any, Any] | None,
     ) -> None:
-        """Give every candidate both signals, so all are scored on the same terms."""
+        """Give every candidate both signals, so all are scored on the same terms. A message
+        outside the lexical pool scores at most the pool's last (`floor`; 0 when the pool
+        holds every match), which the keyword coverage then scales down."""
         no_distance = [r for r, c in found.items() if c.distance is None]
         if vector is not None and no_distance:
             for rowid, distance in (await self._store.distances(vector, no_distance)).items():
                 found[rowid].distance = distance
-        no_lexical = [r for r, c in found.items() if c.lexical is None]
-        if fts and no_lexical:
-            scores = dict(await self._store.lexical_search(fts, 0, len(no_lexical), no_lexical))
-            for rowid in no_lexical:
-                found[rowid].lexical = scores.get(rowid, 0.0)
+        for rowid, c in found.items():
+            if c.lexical is None:
+                c.lexical = pool.get(rowid, floor)
 
-    def _fuse(self, found: Collection[Candidate], has_lexical: bool, has_vector: bool) -> None:
+    def _fuse(self, found: Collection[Candidate], terms: Sequence[str], has_vector: bool) -> None:
         """base = w * cosine + (1 - w) * lexical, where lexical = (1 - exp(-bm25 / 10)) x the
         share of the query's keywords the message holds: a strong match on every keyword
         counts fully, a match on one common word of five barely counts."""
-        w = self._s.vector_weight if (has_lexical and has_vector) else float(has_vector)
-        terms = self._terms
+        w = self._s.vector_weight if (terms and has_vector) else float(has_vector)
         for c in found:
             lexical = 0.0
             if c.lexical and c.row is not None and terms:
@@ -337,10 +353,14 @@ def _answers(row: MessageRow, previous: MessageRow, cues: query_cues.QueryCues |
     from the speaker the query asks about? Then the question is its context."""
     return (
         previous.role != row.role
-        and previous.content.rstrip().endswith("?")
+        and _is_question(previous)
         and row.created_at - previous.created_at <= SAME_SITTING_SECONDS
         and (cues is None or cues.role in (None, row.role))
     )
+
+
+def _is_question(row: MessageRow) -> bool:
+    return row.content.rstrip().endswith("?")
 
 
 def _collapse(ranked: Sequence[Candidate]) -> list[Candidate]:

@@ -487,29 +487,19 @@ class SQLiteStore:
 
     # -- search ----------------------------------------------------------------------------
 
-    async def lexical_search(
-        self, fts_query: str, key: int, limit: int, within: Sequence[int] | None = None
-    ) -> list[tuple[int, float]]:
-        """(message rowid, bm25 score; higher is better) for the session, best first.
+    async def lexical_search(self, fts_query: str, key: int, limit: int) -> list[tuple[int, float]]:
+        """(message rowid, bm25 score; higher is better) of the session's best `limit` matches.
 
-        `within` restricts the search to those message rowids (tiers 1 and 2).
+        `fts_query` is an FTS5 expression over message text (see `text.fts_query`); it is
+        restricted to the session inside FTS5, so other sessions' rows are never scored.
         """
-        if within is not None:
-            if not within:
-                return []
-            rows = await self._read_all(
-                "SELECT f.rowid, -bm25(messages_fts) AS score FROM messages_fts f "
-                "WHERE messages_fts MATCH ? AND f.rowid IN (SELECT value FROM json_each(?)) "
-                "ORDER BY score DESC LIMIT ?",
-                (fts_query, _ids_json(within), limit),
-            )
-        else:
-            rows = await self._read_all(
-                "SELECT f.rowid, -bm25(messages_fts) AS score FROM messages_fts f "
-                "JOIN messages m ON m.id = f.rowid "
-                "WHERE messages_fts MATCH ? AND m.session_key = ? ORDER BY score DESC LIMIT ?",
-                (fts_query, key, limit),
-            )
+        if not fts_query:
+            return []
+        rows = await self._read_all(
+            "SELECT rowid, -bm25(messages_fts, 1.0, 0.0) AS score FROM messages_fts "
+            "WHERE messages_fts MATCH ? ORDER BY score DESC LIMIT ?",
+            (f'session_key : "{int(key)}" AND content : ({fts_query})', limit),
+        )
         return [(int(r[0]), float(r[1])) for r in rows]
 
     async def vector_search(

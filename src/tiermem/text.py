@@ -69,13 +69,10 @@ def fts_query(terms: Iterable[str]) -> str:
 def matched_keywords(text: str, terms: Iterable[str]) -> list[str]:
     """Which `terms` occur in `text` as words (or as a word's start, for plurals and tenses)."""
     present = set(words(text))
-    out = []
-    for term in terms:
-        if term in present or (
-            len(term) >= 4 and any(w.startswith(term) and len(w) - len(term) <= 3 for w in present)
-        ):
-            out.append(term)
-    return out
+    # "garden" matches "gardens" and "gardening": a term of 4+ letters may be the start of a
+    # word when at most 3 letters follow it
+    starts = {w[:n] for w in present for n in range(max(4, len(w) - 3), len(w))}
+    return [term for term in terms if term in present or term in starts]
 
 
 def looks_like_code(text: str) -> bool:
