@@ -128,9 +128,8 @@ def baselines(
             [r[0]]
             for r in conn.execute(
                 "SELECT m.message_id FROM messages_fts f JOIN messages m ON m.id = f.rowid "
-                "WHERE messages_fts MATCH ? AND m.session_key = ? ORDER BY bm25(messages_fts) "
-                "LIMIT 10",
-                (query, key),
+                "WHERE messages_fts MATCH ? ORDER BY bm25(messages_fts, 1.0, 0.0) LIMIT 10",
+                (f'session_key : "{key}" AND content : ({query})',),
             )
         ]
         order = np.argsort(-(matrix @ qv))[:10]

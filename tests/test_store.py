@@ -62,3 +62,36 @@ async def test_corrupt_file_is_a_storage_error(tmp_path: Path) -> None:
 async def test_missing_folder_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="folder"):
         await SQLiteStore.open(tmp_path / "no" / "such.db", "m", 8)
+
+
+async def test_a_version_1_database_is_migrated_and_its_messages_stay_searchable(
+    db_path: Path,
+) -> None:
+    """A file written before the FTS index carried the session key (migration 3)."""
+    first = migrate.available()[0]
+    conn = stdlib_sqlite3.connect(db_path)
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+        " applied_at REAL NOT NULL)"
+    )
+    for statement in migrate._statements(first.sql):
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_migrations VALUES (1, ?, 0)", (first.name,))
+    for key in (1, 2):
+        conn.execute("INSERT INTO sessions VALUES (?, 'ns', ?, 0, 0)", (key, f"s{key}"))
+        conn.execute(
+            "INSERT INTO messages(session_key, position, message_id, role, content,"
+            " content_hash, created_at, token_count) VALUES (?, 0, 'm', 'user', ?, 'h', 0, 3)",
+            (key, f"the zebra sanctuary of session {key}"),
+        )
+    conn.commit()
+    conn.close()
+
+    store = await SQLiteStore.open(db_path, "m", 8)
+    try:
+        hits = await store.lexical_search('"zebra"', 2, 10)
+        rows = await store.messages_by_rowid([rowid for rowid, _ in hits])
+        assert [r.content for r in rows] == ["the zebra sanctuary of session 2"]
+        assert await store.lexical_search('"zebra"', 3, 10) == []
+    finally:
+        await store.close()

@@ -165,7 +165,7 @@ class Retriever:
         for rowid in exclude:
             found.pop(rowid, None)
         for c in found.values():
-            c.tier = 1 if c.rowid in active_ids else 2 if c.rowid in snapshot_ids else 3
+            c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
         allowed = set(tiers)
         found = {r: c for r, c in found.items() if c.tier in allowed}
 
@@ -307,17 +307,15 @@ class Retriever:
             names = [n for n in names_in(parent.row.content) if n not in asked]
             if not names:
                 continue
-            hits = []
+            linked: list[int] = []
             for name in names[:HOP_NAMES]:
-                linked = await self._store.lexical_search(
+                matches = await self._store.lexical_search(
                     text.fts_query([name]), key, HOP_MAX_LINKS + 1
                 )
-                if 1 < len(linked) <= HOP_MAX_LINKS:
-                    hits += [(rowid, 1.0) for rowid, _ in linked if rowid != parent.rowid]
-            if not hits:
-                continue
-            best = 1.0
-            new = {rowid: Candidate(rowid) for rowid, _ in hits if rowid not in found}
+                # a name in 2..HOP_MAX_LINKS messages links them; a commoner word does not
+                if 1 < len(matches) <= HOP_MAX_LINKS:
+                    linked += [r for r, _ in matches if r != parent.rowid and r not in exclude]
+            new = {rowid: Candidate(rowid) for rowid in linked if rowid not in found}
             if new:
                 for row in await self._store.messages_by_rowid(list(new)):
                     new[row.rowid].row = row
@@ -325,16 +323,14 @@ class Retriever:
                     for rowid, distance in (await self._store.distances(vector, list(new))).items():
                         new[rowid].distance = distance
                 for c in new.values():
-                    c.tier = 1 if c.rowid in active_ids else 2 if c.rowid in snapshot_ids else 3
+                    c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
                     c.lexical = 0.0
                     c.base = c.score = _clamp(self._s.vector_weight * max(0.0, c.cosine))
-            for rowid, score in hits:
+            for rowid in linked:
                 c = found.get(rowid) or new[rowid]
-                if rowid in exclude or c.tier not in allowed:
-                    continue
-                hop = self._s.hop_weight * parent.score * (score / best if best > 0 else 0.0)
-                c.score = max(c.score, hop)
-                found[rowid] = c
+                if c.tier in allowed:
+                    c.score = max(c.score, self._s.hop_weight * parent.score)
+                    found[rowid] = c
 
 
 def names_in(content: str) -> list[str]:
@@ -357,6 +353,11 @@ def _answers(row: MessageRow, previous: MessageRow, cues: query_cues.QueryCues |
         and row.created_at - previous.created_at <= SAME_SITTING_SECONDS
         and (cues is None or cues.role in (None, row.role))
     )
+
+
+def _tier_of(rowid: int, active_ids: Collection[int], snapshot_ids: Collection[int]) -> int:
+    """The lowest tier holding a message: 1 active cache, 2 a snapshot, 3 history."""
+    return 1 if rowid in active_ids else 2 if rowid in snapshot_ids else 3
 
 
 def _is_question(row: MessageRow) -> bool:
