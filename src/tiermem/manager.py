@@ -42,7 +42,7 @@ from .errors import (
     TierMemError,
 )
 from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
-from .retrieval import EMBED_MAX_CHARS, RetrievalSettings, Retriever
+from .retrieval import EMBED_MAX_CHARS, Retriever
 from .scoring import ImportanceScorer
 from .statistics import CacheStatistics
 from .store import MessageRow, NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
@@ -232,15 +232,7 @@ class KVCacheManager:
     def _make_retriever(self) -> Retriever:
         c = self._config
         embedder = self._embedder if c.generate_cache_embeddings else None
-        settings = RetrievalSettings(
-            mode=c.retrieval_mode,
-            candidates=c.retrieval_candidates,
-            vector_weight=c.vector_weight,
-            neighbour_weight=c.retrieval_neighbour_weight,
-            query_cues=c.retrieval_query_cues,
-            entity_hop=c.retrieval_entity_hop,
-        )
-        return Retriever(self._store, embedder, settings)
+        return Retriever(self._store, embedder, c)
 
     # -- sizes -----------------------------------------------------------------------------
 
@@ -715,20 +707,18 @@ class KVCacheManager:
         outcome = await self._retriever.search(
             session.key, session.cache.entries, query, limit, exclude
         )
-        everything = [r for c in outcome.hits for r in (c.rowid, *c.same_text)]
-        rows = {r.rowid: r for r in await self._store.messages_by_rowid(everything)}
         hits = [
             RetrievedEntry(
-                text=rows[c.rowid].content,
+                text=c.row.content,
                 similarity_score=round(c.score, 6),
                 source_tier=c.tier,
-                message_ids=[rows[r].message_id for r in (c.rowid, *c.same_text) if r in rows],
-                matched_keywords=text.matched_keywords(rows[c.rowid].content, outcome.keywords),
-                role=rows[c.rowid].role,
-                created_at=datetime.fromtimestamp(rows[c.rowid].created_at, UTC),
+                message_ids=[r.message_id for r in (c.row, *c.same_text)],
+                matched_keywords=text.matched_keywords(c.row.content, outcome.keywords),
+                role=c.row.role,
+                created_at=datetime.fromtimestamp(c.row.created_at, UTC),
             )
             for c in outcome.hits
-            if c.rowid in rows
+            if c.row is not None
         ]
         active = session.cache.by_rowid()
         self._scorer.engage([active[c.rowid] for c in outcome.hits if c.rowid in active])

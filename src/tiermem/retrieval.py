@@ -35,6 +35,7 @@ import numpy as np
 from . import query as query_cues
 from . import text
 from .cache import CacheEntry
+from .config import KVCacheConfig
 from .embedder import Embedder
 from .store import MessageRow, SQLiteStore
 
@@ -52,6 +53,8 @@ OUTSIDE_WINDOW = 0.5
 OTHER_SPEAKER = 0.85
 OLDEST_WHEN_LATEST = 0.8
 HOP_TOP_HITS = 3
+# a message reached through a name scores up to this share of the hit naming it
+HOP_WEIGHT = 0.85
 SAME_SITTING_SECONDS = 1800.0
 HOP_NAMES = 4
 HOP_MAX_LINKS = 5
@@ -80,8 +83,8 @@ class Candidate:
     base: float = 0.0
     score: float = 0.0
     row: MessageRow | None = field(default=None, repr=False)
-    # messages with the same text, folded into this hit (rowids, best first)
-    same_text: list[int] = field(default_factory=list)
+    # messages with the same text, folded into this hit (best first)
+    same_text: list[MessageRow] = field(default_factory=list)
 
     @property
     def cosine(self) -> float:
@@ -98,24 +101,13 @@ class SearchOutcome:
     keywords: list[str]
 
 
-@dataclass(frozen=True, slots=True)
-class RetrievalSettings:
-    mode: str = "hybrid"
-    candidates: int = 50
-    vector_weight: float = 0.7
-    neighbour_weight: float = 0.3
-    query_cues: bool = True
-    entity_hop: bool = True
-    hop_weight: float = 0.85
-
-
 class Retriever:
     def __init__(
-        self, store: SQLiteStore, embedder: Embedder | None, settings: RetrievalSettings
+        self, store: SQLiteStore, embedder: Embedder | None, config: KVCacheConfig
     ) -> None:
         self._store = store
         self._embedder = embedder
-        self._s = settings
+        self._config = config
 
     async def search(
         self,
@@ -125,9 +117,9 @@ class Retriever:
         limit: int,
         exclude: Collection[int] = (),
     ) -> SearchOutcome:
-        hybrid = self._s.mode != "escalating"
+        hybrid = self._config.retrieval_mode != "escalating"
         cues = query_cues.QueryCues(topic=query)
-        if hybrid and self._s.query_cues:
+        if hybrid and self._config.retrieval_query_cues:
             reference = await self._store.latest_time(key)
             if reference is not None:
                 cues = query_cues.analyse(query, reference)
@@ -147,7 +139,7 @@ class Retriever:
         found: dict[int, Candidate] = {}
         tiers: list[int] = []
         for tier in (1, 2, 3):
-            if self._s.mode == "escalating" and tier > 1:
+            if self._config.retrieval_mode == "escalating" and tier > 1:
                 relevant = sum(1 for c in found.values() if c.relevant())
                 if relevant >= (ESCALATE_TIER2_BELOW if tier == 2 else ESCALATE_TIER3_BELOW):
                     break
@@ -161,17 +153,21 @@ class Retriever:
             within = await self._store.rowids_between_times(key, *cues.window, WINDOW_CANDIDATES)
             await self._search_within(found, within, pool, vector)
         await self._attach_rows(key, found, with_neighbours=hybrid)
-        await self._complete(found, dict(pool), floor, vector)
-        for rowid in exclude:
-            found.pop(rowid, None)
+        allowed = set(tiers)
         for c in found.values():
             c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
-        allowed = set(tiers)
-        found = {r: c for r, c in found.items() if c.tier in allowed}
+        # only candidates that can be hits (their message loaded, a searched tier, not
+        # excluded) get their distances looked up
+        found = {
+            r: c
+            for r, c in found.items()
+            if c.row is not None and c.tier in allowed and r not in exclude
+        }
+        await self._complete(found, dict(pool), floor, vector)
 
         self._fuse(found.values(), terms, has_vector=vector is not None)
-        self._score(found, cues if hybrid and self._s.query_cues else None)
-        if hybrid and self._s.entity_hop:
+        self._score(found, cues if hybrid and self._config.retrieval_query_cues else None)
+        if hybrid and self._config.retrieval_entity_hop:
             await self._hop(key, found, terms, vector, exclude, allowed, active_ids, snapshot_ids)
         ranked = sorted(found.values(), key=lambda c: (-c.score, c.tier, -c.rowid))
         hits = _collapse([c for c in ranked if c.score >= MIN_SCORE])
@@ -191,7 +187,7 @@ class Retriever:
         vector: np.ndarray[Any, Any] | None,
     ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         """A tier's best lexical matches (from the session's pool) and nearest vectors."""
-        k = self._s.candidates
+        k = self._config.retrieval_candidates
         vectors: list[tuple[int, float]] = []
         members: Collection[int] = snapshot_ids
         if tier == 1:
@@ -203,9 +199,7 @@ class Retriever:
                 vectors = await self._store.snapshot_vector_search(vector, key, k)
         elif vector is not None:
             vectors = await self._store.vector_search(vector, key, k)
-        if tier == 3:
-            return list(pool[:k]), vectors
-        return [(r, s) for r, s in pool if r in members][:k], vectors
+        return (list(pool[:k]) if tier == 3 else _best_among(pool, members, k)), vectors
 
     async def _search_within(
         self,
@@ -217,9 +211,8 @@ class Retriever:
         """Add the best matches among `within` (the messages of the period asked about)."""
         if not within:
             return
-        k = self._s.candidates
-        members = set(within)
-        lexical = [(r, s) for r, s in pool if r in members][:k]
+        k = self._config.retrieval_candidates
+        lexical = _best_among(pool, set(within), k)
         vectors: list[tuple[int, float]] = []
         if vector is not None:
             distances = await self._store.distances(vector, within)
@@ -235,7 +228,7 @@ class Retriever:
         rows = await self._store.messages_by_rowid(list(found))
         for row in rows:
             found[row.rowid].row = row
-        if not with_neighbours or self._s.neighbour_weight <= 0:
+        if not with_neighbours or self._config.retrieval_neighbour_weight <= 0:
             return
         before = {r.position - 1 for r in rows}
         after = {r.position + 1 for r in rows if _is_question(r)}
@@ -265,7 +258,7 @@ class Retriever:
         """base = w * cosine + (1 - w) * lexical, where lexical = (1 - exp(-bm25 / 10)) x the
         share of the query's keywords the message holds: a strong match on every keyword
         counts fully, a match on one common word of five barely counts."""
-        w = self._s.vector_weight if (terms and has_vector) else float(has_vector)
+        w = self._config.vector_weight if (terms and has_vector) else float(has_vector)
         for c in found:
             lexical = 0.0
             if c.lexical and c.row is not None and terms:
@@ -276,7 +269,7 @@ class Retriever:
     def _score(self, found: dict[int, Candidate], cues: query_cues.QueryCues | None) -> None:
         by_position = {c.row.position: c for c in found.values() if c.row is not None}
         newest = max(by_position, default=0)
-        beta = self._s.neighbour_weight if cues is not None else 0.0
+        beta = self._config.retrieval_neighbour_weight if cues is not None else 0.0
         for c in found.values():
             score = c.base
             if beta and c.row is not None:
@@ -325,11 +318,11 @@ class Retriever:
                 for c in new.values():
                     c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
                     c.lexical = 0.0
-                    c.base = c.score = _clamp(self._s.vector_weight * max(0.0, c.cosine))
+                    c.base = c.score = _clamp(self._config.vector_weight * max(0.0, c.cosine))
             for rowid in linked:
                 c = found.get(rowid) or new[rowid]
-                if c.tier in allowed:
-                    c.score = max(c.score, self._s.hop_weight * parent.score)
+                if c.row is not None and c.tier in allowed:
+                    c.score = max(c.score, HOP_WEIGHT * parent.score)
                     found[rowid] = c
 
 
@@ -368,13 +361,11 @@ def _collapse(ranked: Sequence[Candidate]) -> list[Candidate]:
     """One hit per distinct text: repeats fold into the best-scoring one's `same_text`."""
     first: dict[str, Candidate] = {}
     for c in ranked:
-        if c.row is None:
-            first[f"#{c.rowid}"] = c
-            continue
+        assert c.row is not None
         folded = " ".join(c.row.content.lower().split())
         kept = first.setdefault(folded, c)
         if kept is not c:
-            kept.same_text.append(c.rowid)
+            kept.same_text.append(c.row)
     return list(first.values())
 
 
@@ -387,6 +378,13 @@ def _cue_factor(row: MessageRow, cues: query_cues.QueryCues, newest: int) -> flo
     if cues.latest and newest > 0:
         factor *= OLDEST_WHEN_LATEST + (1.0 - OLDEST_WHEN_LATEST) * row.position / newest
     return factor
+
+
+def _best_among(
+    pool: Sequence[tuple[int, float]], members: Collection[int], k: int
+) -> list[tuple[int, float]]:
+    """The pool's best `k` lexical matches that are among `members`."""
+    return [(rowid, score) for rowid, score in pool if rowid in members][:k]
 
 
 def _merge(
