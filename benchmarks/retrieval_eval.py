@@ -113,7 +113,7 @@ def baselines(
     key = conn.execute("SELECT id FROM sessions WHERE session_id = ?", (conv["id"],)).fetchone()[0]
     rows = conn.execute(
         "SELECT m.id, m.message_id, v.embedding FROM messages m "
-        "JOIN message_vectors v ON v.rowid = m.id WHERE m.session_key = ?",
+        "JOIN message_embeddings v ON v.message_rowid = m.id WHERE m.session_key = ?",
         (key,),
     ).fetchall()
     ids = [r[1] for r in rows]

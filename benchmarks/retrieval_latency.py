@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
     corpus = Corpus()
     queries = corpus.queries(args.queries)
     cases: list[tuple[str, dict[str, int]]] = [
-        (f"1 session x {n:,}", {"big": n}) for n in (int(s) for s in args.sizes.split(","))
+        (f"1 session x {n:,}", {"big": n}) for n in (int(s) for s in args.sizes.split(",") if s)
     ]
     if args.big:
         cases.append(("1k sessions x 1,000", {f"s{i:04d}": 1000 for i in range(1000)}))

@@ -258,7 +258,8 @@ async def test_delete_session_leaves_nothing(manager: tiermem.KVCacheManager) ->
     assert await manager.delete_session("gone") is True
     counts = await manager._store.counts()
     kept = len(await manager.get_conversation_history("kept"))
-    assert counts["messages"] == counts["messages_fts"] == counts["message_vectors"] == kept
+    assert counts["messages"] == counts["messages_fts"] == kept
+    assert counts["message_embeddings"] == counts["message_index"] == kept
     assert counts["kv_snapshots"] == counts["kv_snapshot_entries"] == 0
     assert counts["snapshot_entry_vectors"] == counts["session_summaries"] == 0
     assert counts["sessions"] == 1

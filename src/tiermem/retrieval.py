@@ -124,7 +124,6 @@ class Retriever:
             if reference is not None:
                 cues = query_cues.analyse(query, reference)
         terms = text.keywords(cues.topic) or text.keywords(query)
-        fts = text.fts_query(terms)
         embedded: list[np.ndarray[Any, Any]] = []
         async with anyio.create_task_group() as tg:
             # the query's embedding (a model thread) runs beside the reads (the DB thread)
@@ -132,7 +131,7 @@ class Retriever:
                 tg.start_soon(self._embed, query, embedded)
             active_ids = {e.rowid for e in active}
             snapshot_ids = set(await self._store.snapshot_message_rowids(key))
-            pool = await self._store.lexical_search(fts, key, LEXICAL_POOL) if fts else []
+            pool = await self._store.lexical_search(terms, key, LEXICAL_POOL)
         vector = embedded[0] if embedded else None
         floor = pool[-1][1] if len(pool) == LEXICAL_POOL else 0.0
 
@@ -302,9 +301,7 @@ class Retriever:
                 continue
             linked: list[int] = []
             for name in names[:HOP_NAMES]:
-                matches = await self._store.lexical_search(
-                    text.fts_query([name]), key, HOP_MAX_LINKS + 1
-                )
+                matches = await self._store.lexical_search([name], key, HOP_MAX_LINKS + 1)
                 # a name in 2..HOP_MAX_LINKS messages links them; a commoner word does not
                 if 1 < len(matches) <= HOP_MAX_LINKS:
                     linked += [r for r, _ in matches if r != parent.rowid and r not in exclude]
