@@ -47,11 +47,13 @@ def summarizer() -> RecordingSummarizer:
 def open_manager(
     db_path: Path, summarizer: RecordingSummarizer, clock: Clock
 ) -> Callable[..., Any]:
-    """Opens managers on fakes (hashing embedder, recording summarizer, word counter)."""
+    """Opens managers on fakes (hashing embedder, recording summarizer, word counter).
+    Summaries are inline here, so a clear's summary is there when the turn returns; the
+    background mode has its own tests."""
 
     async def opener(**overrides: Any) -> tiermem.KVCacheManager:
         config = overrides.pop("config", None) or tiermem.KVCacheConfig(
-            kv_shape=SHAPE, context_window_tokens=4096
+            kv_shape=SHAPE, context_window_tokens=4096, summary_mode="inline"
         )
         return await tiermem.KVCacheManager.open(
             overrides.pop("path", db_path),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import anyio
 import numpy as np
 
 from tiermem import ModelError, SummaryText, TranscriptLine
@@ -70,3 +71,19 @@ class WordCounter:
 
     def truncate(self, text: str, max_tokens: int) -> str:
         return " ".join(text.split()[:max_tokens])
+
+
+class GatedSummarizer(RecordingSummarizer):
+    """A recording summarizer that holds every summary until `gate` is set: a slow LLM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = anyio.Event()
+        self.started = 0
+
+    async def summarize(
+        self, prior: str | None, transcript: Sequence[TranscriptLine]
+    ) -> SummaryText:
+        self.started += 1
+        await self.gate.wait()
+        return await super().summarize(prior, transcript)

@@ -100,6 +100,11 @@ class KVShape(_Model):
         return int(2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype_bytes)
 
 
+# bytes per cached element of each llama.cpp KV cache type (q8_0: 34 bytes per 32 values,
+# q4_0: 18 per 32)
+KV_CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
 class KVCacheConfig(_Model):
     """Everything tiermem can be told; the defaults port the seed design."""
 
@@ -110,7 +115,9 @@ class KVCacheConfig(_Model):
     max_cache_entries: int = Field(default=1000, ge=1)
     max_cache_bytes: int | None = Field(default=None, ge=1)
     kv_shape: KVShape | None = None
+    kv_cache_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
     context_window_tokens: int | None = Field(default=None, ge=16)
+    context_overflow: Literal["clear_with_summary", "sliding_window"] = "clear_with_summary"
     # preservation and snapshots
     min_importance_to_preserve: float = Field(default=0.7, ge=0.0, le=1.0)
     preserve_system_prompts: bool = True
@@ -132,12 +139,15 @@ class KVCacheConfig(_Model):
     summarizer_enabled: bool = True
     summarizer_context_tokens: int = Field(default=2048, ge=256)
     summary_timeout_seconds: float = Field(default=180.0, gt=0.0)
+    summary_mode: Literal["background", "inline"] = "background"
+    summary_close_wait_seconds: float = Field(default=30.0, ge=0.0)
     # models
     generate_cache_embeddings: bool = True
     embedding_model: str | None = None
     embedding_batch_size: int = Field(default=64, ge=1)
     llm_model_path: str | None = None
     llm_threads: int | None = Field(default=None, ge=1)
+    model_memory_limit_bytes: int | None = Field(default=None, ge=1)
     # sessions and storage
     max_bytes_per_session: int | None = Field(default=None, ge=1)
     max_bytes_total: int | None = Field(default=None, ge=1)

@@ -1,7 +1,8 @@
 """Embeddings: the `Embedder` protocol and its sentence-transformers implementation.
 
 Vectors are float32 and L2-normalised, so cosine similarity is a dot product. The model
-loads lazily, in a worker thread, and encodes one batch at a time.
+loads through the model pool on first use, in a worker thread, and encodes one batch at a
+time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ModelError
+from .pool import ModelPool
 
 Vectors = npt.NDArray[np.float32]
 
@@ -47,16 +49,27 @@ def bundled_model_path() -> Path:
 
 
 class SentenceTransformerEmbedder:
-    """A local sentence-transformers model (a folder path), loaded on first use."""
+    """A local sentence-transformers model (a folder path), loaded through a `ModelPool` on
+    first use (its own pool unless one is given)."""
 
-    def __init__(self, model_path: str | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        batch_size: int = 64,
+        pool: ModelPool | None = None,
+    ) -> None:
         self._path = Path(model_path) if model_path else bundled_model_path()
         if not self._path.is_dir():
             raise ModelError(f"embedding model folder {self._path} does not exist")
         self._batch_size = batch_size
-        self._model: Any = None
         self._limiter = anyio.CapacityLimiter(1)
         self._dimensions = _read_dimensions(self._path)
+        weights = _weights_bytes(self._path)
+        if not weights:
+            raise ModelError(f"embedding model folder {self._path} holds no weight files")
+        self.pool = pool or ModelPool()
+        self.slot = f"embedding:{self.model_name}"
+        self.pool.register(self.slot, self._load, weights)
         self.texts_embedded = 0
 
     @property
@@ -69,15 +82,17 @@ class SentenceTransformerEmbedder:
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return self.pool.is_loaded(self.slot)
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self._dimensions), dtype=np.float32)
-        return await anyio.to_thread.run_sync(self._embed, list(texts), limiter=self._limiter)
+        async with self.pool.use(self.slot) as model:
+            return await anyio.to_thread.run_sync(
+                self._embed, model, list(texts), limiter=self._limiter
+            )
 
-    def _embed(self, texts: list[str]) -> Vectors:
-        model = self._load()
+    def _embed(self, model: Any, texts: list[str]) -> Vectors:
         try:
             vectors = model.encode(
                 texts,
@@ -92,25 +107,30 @@ class SentenceTransformerEmbedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _load(self) -> Any:
-        if self._model is None:
-            from sentence_transformers import SentenceTransformer
+        """Blocking: the model, checked against the dimension its config announced."""
+        from sentence_transformers import SentenceTransformer
 
-            try:
-                model = SentenceTransformer(str(self._path), device="cpu", local_files_only=True)
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise ModelError(f"cannot load embedding model {self._path}: {exc}") from exc
-            measure = getattr(model, "get_embedding_dimension", None)
-            actual = measure() if measure else model.get_sentence_embedding_dimension()
-            if actual != self._dimensions:
-                raise ModelError(
-                    f"embedding model {self._path} gives {actual} dimensions, "
-                    f"its config says {self._dimensions}"
-                )
-            self._model = model
-        return self._model
+        try:
+            model = SentenceTransformer(str(self._path), device="cpu", local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"cannot load embedding model {self._path}: {exc}") from exc
+        measure = getattr(model, "get_embedding_dimension", None)
+        actual = measure() if measure else model.get_sentence_embedding_dimension()
+        if actual != self._dimensions:
+            raise ModelError(
+                f"embedding model {self._path} gives {actual} dimensions, "
+                f"its config says {self._dimensions}"
+            )
+        return model
 
-    def close(self) -> None:
-        self._model = None
+
+def _weights_bytes(path: Path) -> int:
+    """The size of the folder's weight files: what loading the model takes, roughly."""
+    return sum(
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file()
+    )
 
 
 def _read_dimensions(path: Path) -> int:

@@ -1,8 +1,9 @@
 """The local GGUF model through llama-cpp-python: its tokenizer, its KV shape, and chat.
 
 A `Llama` object is not thread-safe, so each one is used one call at a time, through a
-`CapacityLimiter(1)`, in a worker thread. The tokenizer is a separate vocab-only instance:
-counting tokens on a turn never waits behind a summary being generated.
+`CapacityLimiter(1)`, in a worker thread; the chat model loads through the model pool. The
+tokenizer is a separate vocab-only instance: counting tokens on a turn never waits behind
+a summary being generated.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import anyio.to_thread
 
 from .config import KVShape
 from .errors import ModelError
+from .pool import ModelPool
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOAD_LOCK = threading.Lock()
@@ -102,8 +104,9 @@ class LlamaTokenizer:
             cut: bytes = self._vocab.detokenize(tokens[:max_tokens])
         return cut.decode("utf-8", "ignore")
 
-    def kv_shape(self) -> KVShape | None:
-        """Layers, KV heads and head size from the GGUF metadata (f16 cache)."""
+    def kv_shape(self, dtype_bytes: float = 2.0) -> KVShape | None:
+        """Layers, KV heads and head size from the GGUF metadata; `dtype_bytes` per cached
+        element is the cache type's (2 for llama.cpp's default f16)."""
         arch = self.metadata.get("general.architecture", "llama")
         try:
             layers = int(self.metadata[f"{arch}.block_count"])
@@ -113,7 +116,9 @@ class LlamaTokenizer:
         except (KeyError, ValueError):
             return None
         head_dim = int(self.metadata.get(f"{arch}.attention.key_length", width // heads))
-        return KVShape(n_layers=layers, n_kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=2)
+        return KVShape(
+            n_layers=layers, n_kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes
+        )
 
     def context_length(self) -> int | None:
         arch = self.metadata.get("general.architecture", "llama")
@@ -122,20 +127,35 @@ class LlamaTokenizer:
 
 
 class LlamaChat:
-    """A loaded GGUF model for generation, loaded lazily and used one call at a time."""
+    """A GGUF model for generation, loaded through a `ModelPool` on first use and used one
+    call at a time. Its pool size is the file plus the KV cache of its window."""
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int,
+        n_threads: int | None,
+        pool: ModelPool,
+        bytes_per_token: int = 0,
+    ) -> None:
         self.path = path
         self.n_ctx = n_ctx
         self._n_threads = n_threads
-        self._llama: Any = None
-        self._formatter: Any = None
         self._limiter = anyio.CapacityLimiter(1)
+        self.pool = pool
+        self.slot = f"llm:{path.name}"
+        size = path.stat().st_size + n_ctx * bytes_per_token
+        pool.register(self.slot, self._load, size, lambda loaded: loaded[0].close())
+        self._stop = threading.Event()
         self.calls = 0
 
     @property
     def loaded(self) -> bool:
-        return self._llama is not None
+        return self.pool.is_loaded(self.slot)
+
+    def stop(self) -> None:
+        """End the generation in progress (if any) at its next token: shutting down."""
+        self._stop.set()
 
     async def complete(
         self, messages: list[dict[str, str]], max_tokens: int, timeout: float
@@ -145,27 +165,41 @@ class LlamaChat:
         The timeout is enforced inside generation (a stopping criterion), because a thread
         running llama.cpp cannot be cancelled from outside.
         """
-        return await anyio.to_thread.run_sync(
-            self._complete,
-            messages,
-            max_tokens,
-            time.monotonic() + timeout,
-            limiter=self._limiter,
-        )
+        async with self.pool.use(self.slot) as (llama, formatter):
+            return await anyio.to_thread.run_sync(
+                self._complete,
+                llama,
+                formatter,
+                messages,
+                max_tokens,
+                time.monotonic() + timeout,
+                limiter=self._limiter,
+            )
+
+    def _load(self) -> tuple[Any, Any]:
+        """Blocking: the model and its chat formatter."""
+        llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads)
+        return llama, _make_formatter(llama, self.path)
 
     def _complete(
-        self, messages: list[dict[str, str]], max_tokens: int, deadline: float
+        self,
+        llama: Any,
+        formatter: Any,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        deadline: float,
     ) -> tuple[str, int]:
         import llama_cpp
 
-        if self._llama is None:
-            self._llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads)
-            self._formatter = self._make_formatter()
+        if self._stop.is_set():
+            raise ModelError("the model is shutting down")
         self.calls += 1
-        prompt, stop = self._format(messages)
-        late = llama_cpp.StoppingCriteriaList([lambda _ids, _logits: time.monotonic() > deadline])
+        prompt, stop = _format(formatter, messages)
+        late = llama_cpp.StoppingCriteriaList(
+            [lambda _ids, _logits: time.monotonic() > deadline or self._stop.is_set()]
+        )
         try:
-            out = self._llama.create_completion(
+            out = llama.create_completion(
                 prompt=prompt,
                 max_tokens=max_tokens,
                 temperature=0.0,
@@ -176,35 +210,33 @@ class LlamaChat:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"generation failed: {exc}") from exc
         finally:
-            self._llama.reset()
+            llama.reset()
+        if self._stop.is_set():
+            raise ModelError("generation stopped: the model is shutting down")
         if time.monotonic() > deadline:
             raise ModelError("generation ran past its timeout")
         text = str(out["choices"][0]["text"] or "").strip()
         return text, int(out["usage"]["completion_tokens"])
 
-    def _make_formatter(self) -> Any:
-        """The GGUF's own chat template, compiled once per load."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        llama = self._llama
-        template = llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ModelError(f"{self.path} has no chat template")
-        eos, bos = llama.token_eos(), llama.token_bos()
-        return Jinja2ChatFormatter(
-            template=template,
-            eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
-        )
+def _make_formatter(llama: Any, path: Path) -> Any:
+    """The GGUF's own chat template, compiled once per load."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    def _format(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
-        """The prompt by the chat template (completion, unlike chat completion, takes the
-        stopping criterion that enforces the timeout)."""
-        result = self._formatter(messages=messages)
-        stop = result.stop if isinstance(result.stop, list) else [result.stop or ""]
-        return result.prompt, [s for s in stop if s]
+    template = llama.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ModelError(f"{path} has no chat template")
+    eos, bos = llama.token_eos(), llama.token_bos()
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+        bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+    )
 
-    def close(self) -> None:
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+
+def _format(formatter: Any, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+    """The prompt by the chat template (completion, unlike chat completion, takes the
+    stopping criterion that enforces the timeout)."""
+    result = formatter(messages=messages)
+    stop = result.stop if isinstance(result.stop, list) else [result.stop or ""]
+    return result.prompt, [s for s in stop if s]

@@ -8,6 +8,7 @@ matters (tier 2), keeps the cumulative summary, and searches the three tiers.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -26,6 +27,7 @@ import psutil
 from . import bridge, text
 from .cache import ActiveCache, CacheEntry, entry_type
 from .config import (
+    KV_CACHE_TYPE_BYTES,
     AdaptiveSnapshots,
     FullSnapshots,
     IncrementalSnapshots,
@@ -42,11 +44,13 @@ from .errors import (
     TierMemError,
 )
 from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
+from .pool import ModelPool
 from .retrieval import EMBED_MAX_CHARS, Retriever
 from .scoring import ImportanceScorer
 from .statistics import CacheStatistics
 from .store import MessageRow, NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
-from .summarizer import LLMSummarizer, Summarizer, TokenCounter, TranscriptLine
+from .summaries import SummaryKeeper, SummaryOutcome
+from .summarizer import LLMSummarizer, Summarizer, TokenCounter
 from .types import (
     CacheClearResult,
     CacheProcessingResult,
@@ -65,12 +69,12 @@ from .types import (
     StoredMessage,
 )
 
+log = logging.getLogger("tiermem")
+
 DEFAULT_NAMESPACE = "default"
 # Used only when neither a GGUF nor `kv_shape` says otherwise: a typical 8B model
 # (32 layers, 8 KV heads of 128, f16), so byte figures stay realistic.
 FALLBACK_KV_SHAPE = KVShape(n_layers=32, n_kv_heads=8, head_dim=128, dtype_bytes=2)
-MIN_SUMMARY_MESSAGES = 4
-SUMMARY_MAX_MESSAGES = 256
 INGEST_BATCH = 256
 _RETRIEVE_HINT = re.compile(r"\b(explain|how to|what is|what's)\b", re.IGNORECASE)
 _IMMUTABLE_FIELDS = ("embedding_model", "llm_model_path", "summarizer_context_tokens")
@@ -111,7 +115,9 @@ class KVCacheManager:
         kv_shape: KVShape,
         context_tokens: int | None,
         clock: Callable[[], float] = time.time,
-        closers: Sequence[Callable[[], None]] = (),
+        *,
+        pool: ModelPool,
+        stoppers: Sequence[Callable[[], None]] = (),
     ) -> None:
         self._store = store
         self._config = config
@@ -121,7 +127,9 @@ class KVCacheManager:
         self._kv_shape = kv_shape
         self._context_tokens = context_tokens
         self._clock = clock
-        self._closers = list(closers)
+        self._pool = pool
+        self._stoppers = list(stoppers)
+        self._summaries = SummaryKeeper(store, summarizer, clock) if summarizer else None
         self._scorer = ImportanceScorer(config.scoring)
         self._retriever = self._make_retriever()
         self._stats = CacheStatistics()
@@ -152,11 +160,11 @@ class KVCacheManager:
         and shape are read), so a missing or corrupt model fails here, not at a later turn.
         """
         config = config or KVCacheConfig()
-        closers: list[Callable[[], None]] = []
+        pool = ModelPool(config.model_memory_limit_bytes)
         if embedder is None:
-            st = SentenceTransformerEmbedder(config.embedding_model, config.embedding_batch_size)
-            closers.append(st.close)
-            embedder = st
+            embedder = SentenceTransformerEmbedder(
+                config.embedding_model, config.embedding_batch_size, pool
+            )
         vocab: LlamaTokenizer | None = None
         needs_llm = summarizer is None and config.summarizer_enabled
         if tokenizer is None or needs_llm or config.kv_shape is None:
@@ -166,18 +174,37 @@ class KVCacheManager:
             except ModelError:
                 if needs_llm or config.llm_model_path:
                     raise
+        dtype = KV_CACHE_TYPE_BYTES[config.kv_cache_type]
+        shape = config.kv_shape or (vocab.kv_shape(dtype) if vocab else None) or FALLBACK_KV_SHAPE
+        stoppers: list[Callable[[], None]] = []
         if needs_llm:
             assert vocab is not None
-            chat = LlamaChat(vocab.path, config.summarizer_context_tokens, config.llm_threads)
-            closers.append(chat.close)
+            chat = LlamaChat(
+                vocab.path,
+                config.summarizer_context_tokens,
+                config.llm_threads,
+                pool,
+                shape.bytes_per_token,
+            )
+            stoppers.append(chat.stop)
             summarizer = LLMSummarizer(chat, vocab, config.summary_timeout_seconds)
         tokens: TokenCounter = tokenizer or vocab or HeuristicTokenCounter()
-        shape = config.kv_shape or (vocab.kv_shape() if vocab else None) or FALLBACK_KV_SHAPE
         context = config.context_window_tokens or (vocab.context_length() if vocab else None)
         store = await SQLiteStore.open(
             path, embedder.model_name, embedder.dimensions, config.busy_timeout_ms
         )
-        return cls(store, config, embedder, summarizer, tokens, shape, context, clock, closers)
+        return cls(
+            store,
+            config,
+            embedder,
+            summarizer,
+            tokens,
+            shape,
+            context,
+            clock,
+            pool=pool,
+            stoppers=stoppers,
+        )
 
     async def __aenter__(self) -> KVCacheManager:
         return self
@@ -186,19 +213,30 @@ class KVCacheManager:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Flush every session's state, then close the database and the models."""
+        """Wait for background summaries (up to `summary_close_wait_seconds`; the spans of
+        those still running stay pending), flush every session's state, then close the
+        database and the models."""
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
+                if self._summaries is not None:
+                    cancelled = await self._summaries.aclose(
+                        self._config.summary_close_wait_seconds, self._stop_models
+                    )
+                    if cancelled:
+                        log.warning("%d summaries left pending at shutdown", cancelled)
                 for session in list(self._sessions.values()):
                     await self._store.save_state(session.key, self._state_of(session))
             finally:
                 self._sessions.clear()
                 await self._store.close()
-                for close in self._closers:
-                    close()
+                await self._pool.aclose()
+
+    def _stop_models(self) -> None:
+        for stop in self._stoppers:
+            stop()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -228,6 +266,11 @@ class KVCacheManager:
         self._scorer = ImportanceScorer(new.scoring)
         self._retriever = self._make_retriever()
         return new
+
+    @property
+    def model_pool(self) -> ModelPool:
+        """The pool the bundled models load through (`unload` a model there to free it)."""
+        return self._pool
 
     def _make_retriever(self) -> Retriever:
         c = self._config
@@ -283,6 +326,8 @@ class KVCacheManager:
             entry.access_count, entry.engagement = int(access), float(engagement)
         session.last_activity = self._clock()
         self._sessions[ident] = session
+        if self._config.summary_mode == "background":
+            self._schedule_summary(session)  # a clear whose summary did not land before
         return session
 
     async def _entries(self, rows: Sequence[MessageRow]) -> list[CacheEntry]:
@@ -458,12 +503,23 @@ class KVCacheManager:
             session.cache.add(entries)
             self._note_peak()
 
+            slid_out: list[str] = []
+            if self._config.context_overflow == "sliding_window":
+                slid_out = await self._slide(session)
             reason = self._clear_reason(session, turns_before)
             clear_result = await self._clear(session, reason) if reason else None
+            if clear_result is not None and self._overflows(session):
+                # what a clear must preserve does not fit the window either
+                slid_out += await self._slide(session)
             bridges: list[str] = []
             if clear_result is not None:
                 bridges.append(clear_result.bridge_message)
-            elif session.summary is not None and state.clear_count > 0:
+            if (
+                session.summary is not None
+                and state.clear_count > 0
+                and (clear_result is None or clear_result.summary_pending)
+            ):
+                # the newest summary there is, while this clear's is being written
                 bridges.append(bridge.prior_summary_bridge(session.summary.text))
 
             retrieval = None
@@ -484,6 +540,7 @@ class KVCacheManager:
                 bridge_messages=bridges,
                 updated_session_state=self._public_state(session),
                 stored_message_ids=[e.message_id for e in entries],
+                slid_out_message_ids=slid_out,
             )
 
     async def ingest(
@@ -524,9 +581,39 @@ class KVCacheManager:
             return ClearReason.CONVERSATION_LIMIT
         if session.cache.kv_bytes / self.max_cache_bytes() >= c.memory_threshold_percent:
             return ClearReason.MEMORY_THRESHOLD
+        if self._overflows(session):
+            return ClearReason.CONTEXT_OVERFLOW
         if len(session.cache.entries) > c.max_cache_entries:
             return ClearReason.ENTRY_LIMIT
         return None
+
+    def _overflows(self, session: _Session) -> bool:
+        window = self._context_tokens
+        return window is not None and session.cache.token_count > window
+
+    async def _slide(self, session: _Session) -> list[str]:
+        """Drop the oldest entries (system prompts stay) until the active cache fits the
+        context window; they stay in the history. Returns their message ids."""
+        window = self._context_tokens
+        if window is None or not self._overflows(session):
+            return []
+        tokens = session.cache.token_count
+        dropped: list[CacheEntry] = []
+        for entry in session.cache.entries:
+            if tokens <= window:
+                break
+            if entry.entry_type != "system_prompt":
+                dropped.append(entry)
+                tokens -= entry.token_count
+        gone = {e.rowid for e in dropped}
+        keep = [e for e in session.cache.entries if e.rowid not in gone]
+        state = session.state
+        # the state names the active cache as "after cleared_through, plus pinned rows"
+        state.cleared_through = max([state.cleared_through, *(e.position for e in dropped)])
+        state.pinned = [e.rowid for e in keep if e.position <= state.cleared_through]
+        session.cache.replace(keep)
+        await self._store.save_state(session.key, self._state_of(session))
+        return [e.message_id for e in dropped]
 
     def _retrieval_query(self, fresh: Sequence[Message]) -> str | None:
         if not self._config.retrieval_enabled:
@@ -558,12 +645,18 @@ class KVCacheManager:
             or (c.preserve_code_entries and e.entry_type == "code")
         ]
         snapshot = self._snapshot_plan(reason, keep)
-        summary, summary_error = await self._update_summary(session)
+        through = session.state.message_count - 1
+        clear_count = session.state.clear_count + 1
+        outcome = SummaryOutcome(None)
+        if self._summaries is None:
+            outcome = SummaryOutcome(None, "no summarizer configured")
+        elif c.summary_mode == "inline":
+            outcome = await self._summaries.update(session.key, through, clear_count)
 
         state = session.state
-        state.clear_count += 1
+        state.clear_count = clear_count
         state.conversation_count = 0
-        state.cleared_through = state.message_count - 1
+        state.cleared_through = through
         state.pinned = [e.rowid for e in keep]
         state.last_cleared_at = self._clock()
         session.cache.replace(keep)
@@ -571,14 +664,15 @@ class KVCacheManager:
         snapshot_id = await self._store.save_clear(
             session.key, self._state_of(session), snapshot, vectors
         )
-        if summary is not None:
-            await self._store.save_summary(session.key, summary)
-            session.summary = summary
+        if outcome.summary is not None:
+            session.summary = outcome.summary
+        pending = c.summary_mode == "background" and self._schedule_summary(session)
 
         keywords = text.top_keywords(e.content for e in keep if e.entry_type != "system_prompt")
         cleared = len(entries) - len(keep)
-        if summary is not None or (summary_error is None and session.summary is not None):
-            assert session.summary is not None
+        # the summary bridge when the summary covers this clear (written now, or nothing new
+        # to add to the prior one); the generic one when it failed or is still being written
+        if session.summary is not None and outcome.error is None and not pending:
             message = bridge.summary_bridge(session.summary.text)
         else:
             message = bridge.clear_bridge(cleared, len(keep), keywords)
@@ -595,8 +689,9 @@ class KVCacheManager:
             snapshot_id=snapshot_id,
             preserved_keywords=keywords,
             clear_reason=reason,
-            summary=_public_summary(summary) if summary else None,
-            summary_error=summary_error,
+            summary=_public_summary(outcome.summary) if outcome.summary else None,
+            summary_error=outcome.error,
+            summary_pending=pending,
         )
 
     def _snapshot_plan(
@@ -616,41 +711,36 @@ class KVCacheManager:
         rows = [SnapshotEntryRow(e.rowid, e.importance, e.entry_type, e.kv_bytes) for e in chosen]
         return reason.value, strategy.kind, rows
 
-    async def _update_summary(self, session: _Session) -> tuple[SummaryRow | None, str | None]:
-        """The new cumulative summary (prior summary + messages since), or why there is none.
+    def _schedule_summary(self, session: _Session) -> bool:
+        """Start a background update if the session's clears are not all summarized yet;
+        the session in memory gets the summary when it lands. True if one was started."""
+        summary = session.summary
+        state = session.state
+        if self._summaries is None or state.clear_count <= (summary.clear_count if summary else 0):
+            return False
+        if not self._summaries.due(
+            summary.covered_through if summary else -1, state.cleared_through
+        ):
+            return False
+        ident = (session.namespace, session.session_id)
 
-        Failing never loses anything: the span stays uncovered and the next clear takes it in.
-        """
-        if self._summarizer is None:
-            return None, "no summarizer configured"
-        prior = session.summary
-        covered = prior.covered_through if prior else -1
-        newest = session.state.message_count - 1
-        if newest - covered < MIN_SUMMARY_MESSAGES:
-            return None, None
-        first = max(covered, newest - SUMMARY_MAX_MESSAGES)
-        rows = await self._store.messages_between(session.key, first, newest)
-        # the system prompt is preserved through every clear; it needs no summarizing
-        lines = [
-            TranscriptLine(r.role, r.content)
-            for r in rows
-            if r.content.strip() and r.role != "system"
-        ]
-        try:
-            result = await self._summarizer.summarize(prior.text if prior else None, lines)
-        except TierMemError as exc:
-            return None, str(exc)
-        return (
-            SummaryRow(
-                text=result.text,
-                token_count=result.token_count,
-                message_count=(prior.message_count if prior else 0) + newest - covered,
-                clear_count=session.state.clear_count + 1,
-                covered_through=newest,
-                updated_at=self._clock(),
-            ),
-            None,
-        )
+        def landed(outcome: SummaryOutcome) -> None:
+            new = outcome.summary
+            if new is None:
+                return
+            for holder in (session, self._sessions.get(ident)):
+                if holder is not None and (
+                    holder.summary is None or holder.summary.covered_through < new.covered_through
+                ):
+                    holder.summary = new
+
+        self._summaries.schedule(session.key, state.cleared_through, state.clear_count, landed)
+        return True
+
+    async def wait_for_summaries(self, timeout: float | None = None) -> bool:
+        """Wait until every background summary has landed; False if `timeout` passed first."""
+        self._check_open()
+        return True if self._summaries is None else await self._summaries.wait(timeout)
 
     async def clear_cache(
         self,
@@ -921,6 +1011,7 @@ class KVCacheManager:
         """Memory, budget and eviction figures, and the models' state."""
         self._check_open()
         models: dict[str, Any] = {
+            **self._pool.stats(),
             "embedding": {
                 "name": self._embedder.model_name,
                 "dimensions": self._embedder.dimensions,
@@ -929,6 +1020,7 @@ class KVCacheManager:
             "kv_bytes_per_token": self._kv_shape.bytes_per_token,
             "context_tokens": self._context_tokens,
             "summarizer": type(self._summarizer).__name__ if self._summarizer else None,
+            "summaries_pending": self._summaries.pending if self._summaries else 0,
         }
         return ManagerStatus(
             estimated_bytes=self._estimated_bytes(),

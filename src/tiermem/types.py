@@ -39,6 +39,7 @@ class ClearReason(enum.StrEnum):
 
     CONVERSATION_LIMIT = "ConversationLimit"
     MEMORY_THRESHOLD = "MemoryThreshold"
+    CONTEXT_OVERFLOW = "ContextOverflow"
     ENTRY_LIMIT = "EntryLimit"
     MANUAL = "Manual"
     ERROR_RECOVERY = "ErrorRecovery"
@@ -83,6 +84,8 @@ class CacheClearResult:
     clear_reason: ClearReason
     summary: SessionSummary | None = None
     summary_error: str | None = None
+    # the summary is being written in the background (summary_mode="background")
+    summary_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,9 @@ class CacheProcessingResult:
     bridge_messages: list[str]
     updated_session_state: SessionCacheState
     stored_message_ids: list[str] = field(default_factory=list)
+    # entries that left the active cache to keep it within the context window
+    # (context_overflow="sliding_window"); they stay in the history (tier 3)
+    slid_out_message_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,152 @@
+"""Keeping each session's cumulative summary up to date: what an update covers, and when.
+
+A summary covers the session's messages up to `covered_through`. An update feeds the
+summarizer the prior summary and every message since, up to the last clear. It runs either
+inline (the clearing turn waits for it) or in the background (the turn returns at once;
+the summary is stored, and used by later turns, when it is ready). Updates of one session
+run one at a time, in order, and each takes in everything not yet covered, so one that
+fails or is cancelled is made up by the next. A span left uncovered at shutdown is pending
+in the database itself (the summary covers fewer messages than were cleared): it is
+summarized when the session is next loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+
+from .errors import TierMemError
+from .store import SQLiteStore, SummaryRow
+from .summarizer import Summarizer, TranscriptLine
+
+log = logging.getLogger("tiermem.summaries")
+
+# fewer new messages than this are not worth a summary yet
+MIN_SUMMARY_MESSAGES = 4
+# an update reads at most this many of the newest uncovered messages
+SUMMARY_MAX_MESSAGES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryOutcome:
+    """An update's result: the new summary, or why there is none (both None: nothing new)."""
+
+    summary: SummaryRow | None
+    error: str | None = None
+    duration_s: float = 0.0
+
+
+class SummaryKeeper:
+    """Runs summary updates for every session of a manager, inline or in the background."""
+
+    def __init__(
+        self, store: SQLiteStore, summarizer: Summarizer, clock: Callable[[], float]
+    ) -> None:
+        self._store = store
+        self._summarizer = summarizer
+        self._clock = clock
+        self._locks: dict[int, anyio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.completed = 0
+        self.failed = 0
+
+    @property
+    def pending(self) -> int:
+        """Background updates scheduled or running."""
+        return len(self._tasks)
+
+    def due(self, covered_through: int, through: int) -> bool:
+        return through - covered_through >= MIN_SUMMARY_MESSAGES
+
+    async def update(self, key: int, through: int, clear_count: int) -> SummaryOutcome:
+        """Bring the session's summary up to message position `through`, and store it."""
+        async with self._locks.setdefault(key, anyio.Lock()):
+            prior = await self._store.summary(key)
+            covered = prior.covered_through if prior else -1
+            if not self.due(covered, through):
+                return SummaryOutcome(None)
+            started = time.perf_counter()
+            rows = await self._store.messages_between(
+                key, max(covered, through - SUMMARY_MAX_MESSAGES), through
+            )
+            # the system prompt is preserved through every clear; it needs no summarizing
+            lines = [
+                TranscriptLine(r.role, r.content)
+                for r in rows
+                if r.content.strip() and r.role != "system"
+            ]
+            try:
+                result = await self._summarizer.summarize(prior.text if prior else None, lines)
+            except TierMemError as exc:
+                self.failed += 1
+                return SummaryOutcome(None, str(exc), time.perf_counter() - started)
+            row = SummaryRow(
+                text=result.text,
+                token_count=result.token_count,
+                message_count=(prior.message_count if prior else 0) + through - covered,
+                clear_count=clear_count,
+                covered_through=through,
+                updated_at=self._clock(),
+            )
+            await self._store.save_summary(key, row)
+            self.completed += 1
+            return SummaryOutcome(row, None, time.perf_counter() - started)
+
+    def schedule(
+        self,
+        key: int,
+        through: int,
+        clear_count: int,
+        done: Callable[[SummaryOutcome], None],
+    ) -> None:
+        """Run `update` in the background; `done` gets its outcome (on the event loop)."""
+        task = asyncio.get_running_loop().create_task(
+            self._background(key, lambda: self.update(key, through, clear_count), done),
+            name=f"tiermem-summary-{key}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _background(
+        self,
+        key: int,
+        update: Callable[[], Awaitable[SummaryOutcome]],
+        done: Callable[[SummaryOutcome], None],
+    ) -> None:
+        try:
+            outcome = await update()
+        except TierMemError as exc:
+            self.failed += 1
+            outcome = SummaryOutcome(None, str(exc))
+        except Exception:
+            self.failed += 1
+            log.exception("background summary of session %s failed", key)
+            return
+        if outcome.error:
+            log.warning("summary of session %s failed: %s", key, outcome.error)
+        done(outcome)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no background update is left; False if `timeout` passed first."""
+        with anyio.move_on_after(timeout):
+            while self._tasks:
+                await asyncio.wait(set(self._tasks))
+        return not self._tasks
+
+    async def aclose(self, wait_seconds: float, stop: Callable[[], None]) -> int:
+        """Wait up to `wait_seconds` for background updates, then `stop` the model and cancel
+        the rest (their spans stay pending); returns how many were cancelled."""
+        left: set[asyncio.Task[None]] = set()
+        with anyio.CancelScope(shield=True):
+            if not await self.wait(wait_seconds):
+                stop()
+                left = set(self._tasks)
+                for task in left:
+                    task.cancel()
+                await asyncio.wait(left)
+        return len(left)
