@@ -96,29 +96,54 @@ async def test_summary_is_cumulative(
     assert summary.text.startswith("summary #1") and "summary #2" in summary.text
 
 
-async def test_llm_summarizer_prompt_holds_the_prior_summary() -> None:
+async def test_llm_summary_keeps_prior_facts_and_adds_the_new_ones() -> None:
+    """The model is asked for the facts of the user's new statements only; the summary is
+    the prior facts plus those, each once."""
+
     class Chat:
         n_ctx = 2048
 
         def __init__(self) -> None:
-            self.prompts: list[list[dict[str, str]]] = []
+            self.prompts: list[str] = []
 
         async def complete(
             self, messages: list[dict[str, str]], max_tokens: int, timeout: float
         ) -> tuple[str, int]:
-            self.prompts.append(messages)
-            return f"S{len(self.prompts)}: Ana, room 412", 5
+            self.prompts.append(messages[1]["content"])
+            return "1. The user: stays in room 412\n- The user: stays in room 412\nok", 9
 
     from tests.fakes import WordCounter
 
     chat = Chat()
     llm = tiermem.LLMSummarizer(chat, WordCounter(), timeout=5)
-    lines = [tiermem.TranscriptLine("user", "I stay in room 412")] * 4
+    lines = [
+        tiermem.TranscriptLine("user", "I stay in room 412"),
+        tiermem.TranscriptLine("user", "Which floor is it on?"),
+        tiermem.TranscriptLine("assistant", "The fourth floor."),
+    ]
     first = await llm.summarize(None, lines)
-    await llm.summarize(first.text, lines)
-    assert "under 300 tokens" in chat.prompts[0][1]["content"]
-    assert first.text in chat.prompts[1][1]["content"]
-    assert "under 400 tokens" in chat.prompts[1][1]["content"]
+    assert first.text == "- stays in room 412"
+    assert "I stay in room 412" in chat.prompts[0] and "floor" not in chat.prompts[0]
+    second = await llm.summarize("- flies in on TP1351 at 10:40", lines)
+    assert second.text == "- flies in on TP1351 at 10:40\n- stays in room 412"
+
+
+async def test_llm_summary_stays_within_its_budget_dropping_the_least_informative() -> None:
+    from tests.fakes import WordCounter
+
+    class Chat:
+        n_ctx = 2048
+
+        async def complete(
+            self, messages: list[dict[str, str]], max_tokens: int, timeout: float
+        ) -> tuple[str, int]:
+            return "\n".join(f"- the user said a plain thing number {i}" for i in range(60)), 1
+
+    llm = tiermem.LLMSummarizer(Chat(), WordCounter(), timeout=5)
+    prior = "- Ana lands on flight TP1351 at 10:40 in Lisbon"
+    out = await llm.summarize(prior, [tiermem.TranscriptLine("user", "many things")])
+    assert out.token_count <= 400
+    assert out.text.startswith(prior)  # names and numbers outlive plain lines
 
 
 async def test_llm_summarizer_folds_what_does_not_fit() -> None:
@@ -132,12 +157,13 @@ async def test_llm_summarizer_folds_what_does_not_fit() -> None:
             self, messages: list[dict[str, str]], max_tokens: int, timeout: float
         ) -> tuple[str, int]:
             Chat.calls += 1
-            assert len(" ".join(m["content"] for m in messages).split()) < self.n_ctx
-            return f"fold {Chat.calls}", 2
+            assert len(" ".join(m["content"] for m in messages).split()) + max_tokens < self.n_ctx
+            return f"- facts of chunk {Chat.calls}", 2
 
     lines = [tiermem.TranscriptLine("user", "word " * 100 + str(i)) for i in range(20)]
     out = await tiermem.LLMSummarizer(Chat(), WordCounter(), timeout=5).summarize(None, lines)
-    assert Chat.calls > 1 and out.text == f"fold {Chat.calls}"
+    assert Chat.calls > 1
+    assert out.text.splitlines() == [f"- facts of chunk {i + 1}" for i in range(Chat.calls)]
 
 
 async def test_bridge_texts(open_manager: Callable[..., Any]) -> None:

@@ -46,6 +46,7 @@ async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheCon
             f"tokens; clear at {config.clear_after_conversations} turns or "
             f"{config.memory_threshold_percent:.0%} of {mgr.max_cache_bytes() / 2**20:.0f} MiB"
         )
+        shown: dict[str, str] = {}  # the last summary printed per session
         for session in data["sessions"]:
             sid = session["session_id"]
             if await mgr.get_session_state(sid) is not None:
@@ -83,8 +84,17 @@ async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheCon
                             f"{clear.summary.token_count} tokens): "
                             f"{_short(clear.summary.text, 300)}"
                         )
+                    elif clear.summary_pending:
+                        write("     summary: being written in the background (no waiting)")
                     elif clear.summary_error:
                         write(f"     no summary: {clear.summary_error}")
+                landed = await mgr.get_summary(sid)
+                if landed is not None and shown.get(sid) != landed.text:
+                    shown[sid] = landed.text
+                    write(
+                        f"  << summary #{landed.clear_count} landed ({landed.token_count} "
+                        f"tokens), used from the next turn: {_short(landed.text, 300)}"
+                    )
                 if result.retrieval_result and result.retrieval_result.entries:
                     r = result.retrieval_result
                     write(f"  ?? {r.bridge_message}")
@@ -93,6 +103,7 @@ async def run_demo(db: str, fixture: str | None, out: TextIO, config: KVCacheCon
                             f"     tier {hit.source_tier} score {hit.similarity_score:.2f} "
                             f"ids {hit.message_ids}: {_short(hit.text, 70)}"
                         )
+        await mgr.wait_for_summaries()
         write("\n=== questions about early facts ===")
         for q in data.get("questions", []):
             hits = await mgr.retrieve_context(q["session"], q["question"], limit=5)

@@ -8,6 +8,7 @@ a summary being generated.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 import time
@@ -23,6 +24,8 @@ from .pool import ModelPool
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOAD_LOCK = threading.Lock()
+# what llama-cpp-python points stdout and stderr at /dev/null with (see load_llama)
+_REDIRECTOR = "suppress_stdout_stderr"
 
 
 def bundled_gguf_path() -> Path:
@@ -51,31 +54,47 @@ def resolve_gguf(path: str | None) -> Path:
 
 
 def load_llama(path: Path, **kwargs: Any) -> Any:
-    """Construct a `Llama` with extra (repacking) buffer types off.
+    """Construct a `Llama` with extra (repacking) buffer types off, and the process's
+    stdout and stderr left alone.
 
-    With them on, llama.cpp's CPU repack/AMX path crashed with SIGSEGV in `decode` on this
-    project's machines (Xeon with AMX, llama-cpp-python 0.3.36, Q4_1 weights), and the
-    `Llama` constructor does not expose the flag, so the default-params factory it calls is
-    wrapped for the duration of the call.
+    With the extra buffer types on, llama.cpp's CPU repack/AMX path crashed with SIGSEGV in
+    `decode` on this project's machines (Xeon with AMX, llama-cpp-python 0.3.36, Q4_1
+    weights), and the `Llama` constructor does not expose the flag, so the default-params
+    factory it calls is wrapped for the duration of the call. And with `verbose=False` the
+    constructor points file descriptors 1 and 2 at /dev/null while it loads: whatever the
+    host's other threads print meanwhile (a background summary loads the model beside live
+    turns) would be lost. llama.cpp's own messages are filtered by llama-cpp-python's
+    logger instead (errors only when not verbose), so the redirection is skipped.
     """
     import llama_cpp
+    import llama_cpp._internals as internals
+    import llama_cpp.llama as high
     import llama_cpp.llama_cpp as low
 
     with _LOAD_LOCK:
         original = low.llama_model_default_params
+        modules = (high, internals)
+        redirects = [getattr(m, _REDIRECTOR) for m in modules]
 
         def params() -> Any:
             value = original()
             value.use_extra_bufts = False
             return value
 
+        def keep_output(disable: bool = False) -> contextlib.nullcontext[None]:
+            return contextlib.nullcontext()
+
         low.llama_model_default_params = params
+        for module in modules:
+            setattr(module, _REDIRECTOR, keep_output)
         try:
             return llama_cpp.Llama(str(path), verbose=False, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"cannot load GGUF model {path}: {exc}") from exc
         finally:
             low.llama_model_default_params = original
+            for module, redirect in zip(modules, redirects, strict=True):
+                setattr(module, _REDIRECTOR, redirect)
 
 
 class LlamaTokenizer:

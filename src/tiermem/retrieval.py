@@ -124,11 +124,13 @@ class Retriever:
             if reference is not None:
                 cues = query_cues.analyse(query, reference)
         terms = text.keywords(cues.topic) or text.keywords(query)
+        nearest: dict[int, list[tuple[int, float]]] = {}
         embedded: list[np.ndarray[Any, Any]] = []
         async with anyio.create_task_group() as tg:
-            # the query's embedding (a model thread) runs beside the reads (the DB thread)
+            # the vector pass (a model thread, then the vector connection) runs beside the
+            # text reads (the reader connection)
             if self._embedder is not None and query.strip():
-                tg.start_soon(self._embed, query, embedded)
+                tg.start_soon(self._vector_pass, key, active, query, embedded, nearest)
             active_ids = {e.rowid for e in active}
             snapshot_ids = set(await self._store.snapshot_message_rowids(key))
             pool = await self._store.lexical_search(terms, key, LEXICAL_POOL)
@@ -137,16 +139,15 @@ class Retriever:
 
         found: dict[int, Candidate] = {}
         tiers: list[int] = []
-        for tier in (1, 2, 3):
+        k = self._config.retrieval_candidates
+        for tier, members in ((1, active_ids), (2, snapshot_ids), (3, None)):
             if self._config.retrieval_mode == "escalating" and tier > 1:
                 relevant = sum(1 for c in found.values() if c.relevant())
                 if relevant >= (ESCALATE_TIER2_BELOW if tier == 2 else ESCALATE_TIER3_BELOW):
                     break
             tiers.append(tier)
-            lexical, vectors = await self._search_tier(
-                tier, key, active, pool, snapshot_ids, vector
-            )
-            _merge(found, lexical, vectors)
+            lexical = pool[:k] if members is None else _best_among(pool, members, k)
+            _merge(found, lexical, nearest.get(tier, []))
 
         if cues.window is not None:
             within = await self._store.rowids_between_times(key, *cues.window, WINDOW_CANDIDATES)
@@ -172,33 +173,23 @@ class Retriever:
         hits = _collapse([c for c in ranked if c.score >= MIN_SCORE])
         return SearchOutcome(hits[:limit], tiers, terms)
 
-    async def _embed(self, query: str, into: list[np.ndarray[Any, Any]]) -> None:
-        assert self._embedder is not None
-        into.append((await self._embedder.embed([query[:EMBED_MAX_CHARS]]))[0])
-
-    async def _search_tier(
+    async def _vector_pass(
         self,
-        tier: int,
         key: int,
         active: Sequence[CacheEntry],
-        pool: Sequence[tuple[int, float]],
-        snapshot_ids: Collection[int],
-        vector: np.ndarray[Any, Any] | None,
-    ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-        """A tier's best lexical matches (from the session's pool) and nearest vectors."""
+        query: str,
+        embedded: list[np.ndarray[Any, Any]],
+        nearest: dict[int, list[tuple[int, float]]],
+    ) -> None:
+        """Embed the query, then each tier's nearest messages: the active cache in memory,
+        the snapshots and the whole history by KNN."""
+        assert self._embedder is not None
+        vector = (await self._embedder.embed([query[:EMBED_MAX_CHARS]]))[0]
+        embedded.append(vector)
         k = self._config.retrieval_candidates
-        vectors: list[tuple[int, float]] = []
-        members: Collection[int] = snapshot_ids
-        if tier == 1:
-            members = {e.rowid for e in active}
-            if vector is not None:
-                vectors = _nearest_in_memory(active, vector, k)
-        elif tier == 2:
-            if vector is not None:
-                vectors = await self._store.snapshot_vector_search(vector, key, k)
-        elif vector is not None:
-            vectors = await self._store.vector_search(vector, key, k)
-        return (list(pool[:k]) if tier == 3 else _best_among(pool, members, k)), vectors
+        nearest[1] = _nearest_in_memory(active, vector, k)
+        nearest[2] = await self._store.snapshot_vector_search(vector, key, k)
+        nearest[3] = await self._store.vector_search(vector, key, k)
 
     async def _search_within(
         self,

@@ -12,7 +12,8 @@ message picks candidates that the float vectors then rank exactly) and
 embedding model recorded in `meta`.
 
 Writes go through one connection, one transaction at a time (`BEGIN IMMEDIATE`); reads use
-a second connection, so searches run beside writes. A cancelled write rolls back, shielded.
+two more (a search's text and vector reads side by side), so searches run beside writes. A
+cancelled write rolls back, shielded.
 """
 
 from __future__ import annotations
@@ -150,6 +151,11 @@ def _cosine_distances(query: np.ndarray[Any, Any], rows: Sequence[Row]) -> dict[
     return {int(r[0]): float(1.0 - s) for r, s in zip(rows, similarity, strict=True)}
 
 
+def _in_session(key: int) -> str:
+    """The FTS5 filter on the session key column (an integer, so nothing to escape)."""
+    return f'session_key : "{int(key)}"'
+
+
 def _ids_json(ids: Iterable[int]) -> str:
     return json.dumps([int(i) for i in ids])
 
@@ -190,10 +196,18 @@ async def _index_embeddings(db: aiosqlite.Connection) -> None:
 class SQLiteStore:
     """The tiermem database. Every method is a coroutine; none blocks the event loop."""
 
-    def __init__(self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+    def __init__(
+        self,
+        path: str,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        vector_reader: aiosqlite.Connection,
+    ):
         self.path = path
         self._writer = writer
         self._reader = reader
+        # the vector reads of a search run beside its text reads, on their own connection
+        self._vector_reader = vector_reader
         self._write_lock = anyio.Lock()
         self.dimensions = 0
 
@@ -216,11 +230,11 @@ class SQLiteStore:
             raise StorageError(f"cannot open database {target}: {exc}") from exc
         opened: list[aiosqlite.Connection] = []
         try:
-            for _ in range(2):
+            for _ in range(3):
                 conn = aiosqlite.Connection(lambda: _raw_connect(target, busy_timeout_ms), 64)
                 opened.append(conn)
                 await conn
-            store = cls(target, opened[0], opened[1])
+            store = cls(target, *opened)
             await store._ensure_vectors(embedding_model, dimensions)
             return store
         except BaseException as exc:
@@ -233,6 +247,7 @@ class SQLiteStore:
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
+            await self._vector_reader.close()
             await self._reader.close()
             await self._writer.close()
 
@@ -562,35 +577,37 @@ class SQLiteStore:
         for any of `terms` (each quoted, so nothing in them is FTS5 syntax).
 
         The query is restricted to the session inside FTS5, so other sessions' rows are never
-        scored. A term in more than half of all messages is left out while rarer ones remain:
-        bm25 gives it no weight (its IDF is not above zero) yet it would make nearly every
-        message a match to be scored, the whole cost of the query.
+        scored. A term in more than half of the session's messages is left out while rarer
+        ones remain: it barely tells the session's messages apart (where it is that common
+        everywhere, bm25 gives it no weight at all), yet it would make nearly every message
+        a match to be scored, the whole cost of the query.
         """
         if len(terms) > 1:
-            terms = await self._informative(terms)
+            terms = await self._informative(terms, key)
         query = text.fts_query(terms)
         if not query:
             return []
         rows = await self._read_all(
             "SELECT rowid, -bm25(messages_fts, 1.0, 0.0) AS score FROM messages_fts "
             "WHERE messages_fts MATCH ? ORDER BY score DESC LIMIT ?",
-            (f'session_key : "{int(key)}" AND content : ({query})', limit),
+            (f"{_in_session(key)} AND content : ({query})", limit),
         )
         return [(int(r[0]), float(r[1])) for r in rows]
 
-    async def _informative(self, terms: Sequence[str]) -> list[str]:
-        """`terms` without those in more than half of all messages (all when every one is).
-        Counting a term's matches walks its posting list without scoring it: ~20x cheaper."""
+    async def _informative(self, terms: Sequence[str], key: int) -> list[str]:
+        """`terms` without those in more than half of the session's messages (all when every
+        one is). Counting a term's matches in the session walks posting lists without
+        scoring: ~50x cheaper than the search."""
         counts = ", ".join(
             "(SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH ?)" for _ in terms
         )
         row = await self._read_one(
-            f"SELECT (SELECT MAX(id) FROM messages), {counts}",
-            [f"content : {text.fts_query([t])}" for t in terms],
+            f"SELECT (SELECT MAX(position) + 1 FROM messages WHERE session_key = ?), {counts}",
+            [key, *(f"{_in_session(key)} AND content : {text.fts_query([t])}" for t in terms)],
         )
         if row is None or not row[0]:
             return list(terms)
-        # MAX(id) is at least the row count, so deletions only make this keep more
+        # positions count every message ever stored in the session: at least the row count
         kept = [t for t, n in zip(terms, row[1:], strict=True) if n * 2 <= row[0]]
         return kept or list(terms)
 
@@ -608,6 +625,7 @@ class SQLiteStore:
             "SELECT e.message_rowid, e.embedding FROM knn "
             "JOIN message_embeddings e ON e.message_rowid = knn.rowid",
             (_bits(query), min(VEC0_MAX_K, KNN_OVERSAMPLE * k), key),
+            conn=self._vector_reader,
         )
         ranked = sorted(_cosine_distances(query, rows).items(), key=lambda item: item[1])
         return ranked[:k]
@@ -622,6 +640,7 @@ class SQLiteStore:
             "SELECT e.message_rowid, MIN(knn.distance) FROM knn "
             "JOIN kv_snapshot_entries e ON e.id = knn.rowid GROUP BY e.message_rowid",
             (_blob(query), k, key),
+            conn=self._vector_reader,
         )
         return [(int(r[0]), float(r[1])) for r in rows]
 
