@@ -95,6 +95,12 @@ async def test_missing_or_corrupt_gguf_fails_at_open(tmp_path: Path) -> None:
         await tiermem.KVCacheManager.open(
             tmp_path / "b.db", KVCacheConfig(llm_model_path=str(fake))
         )
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(bundled_gguf_path().read_bytes()[:4096])  # right magic, cut short
+    with pytest.raises(tiermem.ModelError, match="cannot load GGUF"):
+        await tiermem.KVCacheManager.open(
+            tmp_path / "c.db", KVCacheConfig(llm_model_path=str(truncated))
+        )
 
 
 async def test_kv_bytes_estimate_matches_llama_cpp_state(tmp_path: Path) -> None:
