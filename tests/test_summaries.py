@@ -44,20 +44,21 @@ async def test_a_clearing_turn_returns_before_its_summary(
         ]
 
 
-async def test_summaries_of_one_session_run_in_order_and_build_on_each_other(
+async def test_summaries_of_one_session_run_in_order_and_catch_up_in_one_go(
     open_manager: Callable[..., Any],
 ) -> None:
     slow = GatedSummarizer()
     async with await open_manager(config=BACKGROUND, summarizer=slow) as mgr:
-        await run_turns(mgr, 32)  # two clears while the first summary is still held
+        await run_turns(mgr, 48)  # three clears while the first summary is still held
         slow.gate.set()
         assert await mgr.wait_for_summaries(timeout=5)
-        assert [len(transcript) for _, transcript in slow.calls] == [32, 32]
+        # the first covers clear 1; the next, queued behind it, clears 2 and 3 at once
+        assert [len(transcript) for _, transcript in slow.calls] == [32, 64]
         assert slow.calls[0][0] is None
         assert (slow.calls[1][0] or "").startswith("summary #1 of 32 messages")
         summary = await mgr.get_summary("s")
-        assert summary is not None and summary.clear_count == 2
-        assert summary.message_count == 65
+        assert summary is not None and summary.clear_count == 3
+        assert summary.message_count == 97
 
 
 async def test_a_summary_cut_off_at_shutdown_is_written_after_restart(

@@ -734,7 +734,7 @@ class KVCacheManager:
                 ):
                     holder.summary = new
 
-        self._summaries.schedule(session.key, state.cleared_through, state.clear_count, landed)
+        self._summaries.schedule(session.key, landed)
         return True
 
     async def wait_for_summaries(self, timeout: float | None = None) -> bool:

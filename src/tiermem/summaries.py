@@ -4,8 +4,9 @@ A summary covers the session's messages up to `covered_through`. An update feeds
 summarizer the prior summary and every message since, up to the last clear. It runs either
 inline (the clearing turn waits for it) or in the background (the turn returns at once;
 the summary is stored, and used by later turns, when it is ready). Updates of one session
-run one at a time, in order, and each takes in everything not yet covered, so one that
-fails or is cancelled is made up by the next. A span left uncovered at shutdown is pending
+run one at a time, in order, and each takes in everything not yet covered up to the last
+clear when it starts, so one that fails or is cancelled is made up by the next, and
+updates queued behind a slow one collapse into one. A span left uncovered at shutdown is pending
 in the database itself (the summary covers fewer messages than were cleared): it is
 summarized when the session is next loaded.
 """
@@ -28,8 +29,10 @@ log = logging.getLogger("tiermem.summaries")
 
 # fewer new messages than this are not worth a summary yet
 MIN_SUMMARY_MESSAGES = 4
-# an update reads at most this many of the newest uncovered messages
-SUMMARY_MAX_MESSAGES = 256
+# an update reads at most this many of the newest uncovered messages (a backlog of 16 clears
+# at the default 16 turns; older ones of a bigger backlog, say an ingested history, are
+# left to the history, tier 3)
+SUMMARY_MAX_MESSAGES = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +66,17 @@ class SummaryKeeper:
     def due(self, covered_through: int, through: int) -> bool:
         return through - covered_through >= MIN_SUMMARY_MESSAGES
 
-    async def update(self, key: int, through: int, clear_count: int) -> SummaryOutcome:
-        """Bring the session's summary up to message position `through`, and store it."""
+    async def update(
+        self, key: int, through: int | None = None, clear_count: int | None = None
+    ) -> SummaryOutcome:
+        """Bring the session's summary up to message position `through` (which `clear_count`
+        clears reach), and store it. Unset, both are read when the update starts: a
+        session's last clear then, so updates queued behind a slow one have nothing left.
+        """
         async with self._locks.setdefault(key, anyio.Lock()):
+            if through is None or clear_count is None:
+                state = await self._store.load_state(key)
+                through, clear_count = state.cleared_through, state.clear_count
             prior = await self._store.summary(key)
             covered = prior.covered_through if prior else -1
             if not self.due(covered, through):
@@ -97,16 +108,11 @@ class SummaryKeeper:
             self.completed += 1
             return SummaryOutcome(row, None, time.perf_counter() - started)
 
-    def schedule(
-        self,
-        key: int,
-        through: int,
-        clear_count: int,
-        done: Callable[[SummaryOutcome], None],
-    ) -> None:
-        """Run `update` in the background; `done` gets its outcome (on the event loop)."""
+    def schedule(self, key: int, done: Callable[[SummaryOutcome], None]) -> None:
+        """Run `update` up to the session's last clear in the background; `done` gets its
+        outcome (on the event loop)."""
         task = asyncio.get_running_loop().create_task(
-            self._background(key, lambda: self.update(key, through, clear_count), done),
+            self._background(key, lambda: self.update(key), done),
             name=f"tiermem-summary-{key}",
         )
         self._tasks.add(task)
