@@ -97,3 +97,29 @@ async def test_a_failed_background_summary_is_made_up_at_the_next_clear(
         # one update covering both clears' messages
         assert len(flaky.calls[-1][1]) == 64
         assert summary is not None and summary.clear_count == 2 and summary.message_count == 65
+
+
+async def test_shutdown_waits_for_a_model_call_in_its_thread(
+    open_manager: Callable[..., Any],
+) -> None:
+    """A summary running in a worker thread when `aclose` gives up waiting is stopped and
+    awaited, not abandoned: the model must not be closed under a running call."""
+    import time
+
+    class ThreadedSummarizer(RecordingSummarizer):
+        finished = False
+
+        async def summarize(self, prior: str | None, transcript: Any) -> Any:
+            def generate() -> None:
+                time.sleep(0.3)
+                ThreadedSummarizer.finished = True
+
+            await anyio.to_thread.run_sync(generate)
+            raise tiermem.ModelError("generation stopped: the model is shutting down")
+
+    config = BACKGROUND.replace(summary_close_wait_seconds=0.05)
+    mgr = await open_manager(config=config, summarizer=ThreadedSummarizer())
+    await run_turns(mgr, 16)
+    await anyio.sleep(0.05)  # the summary's thread is running
+    await mgr.aclose()
+    assert ThreadedSummarizer.finished

@@ -55,6 +55,7 @@ class SummaryKeeper:
         self._clock = clock
         self._locks: dict[int, anyio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._scopes: set[anyio.CancelScope] = set()
         self.completed = 0
         self.failed = 0
 
@@ -124,14 +125,23 @@ class SummaryKeeper:
         update: Callable[[], Awaitable[SummaryOutcome]],
         done: Callable[[SummaryOutcome], None],
     ) -> None:
+        # cancelled through anyio (see `aclose`), not `Task.cancel()`: anyio's cancellation
+        # waits for a model call running in a worker thread to return, while a native one
+        # would leave it running on a model about to be closed
+        scope = anyio.CancelScope()
+        self._scopes.add(scope)
         try:
-            outcome = await update()
+            with scope:
+                outcome = await update()
         except TierMemError as exc:
-            self.failed += 1
             outcome = SummaryOutcome(None, str(exc))
         except Exception:
             self.failed += 1
             log.exception("background summary of session %s failed", key)
+            return
+        finally:
+            self._scopes.discard(scope)
+        if scope.cancel_called:  # shutting down: the span stays pending
             return
         if outcome.error:
             log.warning("summary of session %s failed: %s", key, outcome.error)
@@ -152,7 +162,7 @@ class SummaryKeeper:
             if not await self.wait(wait_seconds):
                 stop()
                 left = set(self._tasks)
-                for task in left:
-                    task.cancel()
+                for scope in list(self._scopes):
+                    scope.cancel()
                 await asyncio.wait(left)
         return len(left)
