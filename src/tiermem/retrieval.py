@@ -300,13 +300,12 @@ class Retriever:
             if new:
                 for row in await self._store.messages_by_rowid(list(new)):
                     new[row.rowid].row = row
-                if vector is not None:
-                    for rowid, distance in (await self._store.distances(vector, list(new))).items():
-                        new[rowid].distance = distance
+                # no lexical score: they were found through a name, not the query's words
+                await self._complete(new, {}, 0.0, vector)
+                self._fuse(new.values(), terms, has_vector=vector is not None)
                 for c in new.values():
                     c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
-                    c.lexical = 0.0
-                    c.base = c.score = _clamp(self._config.vector_weight * max(0.0, c.cosine))
+                    c.score = c.base
             for rowid in linked:
                 c = found.get(rowid) or new[rowid]
                 if c.row is not None and c.tier in allowed:

@@ -537,14 +537,18 @@ class SQLiteStore:
         return float(row[0]) if row and row[0] is not None else None
 
     async def message_vectors(self, rowids: Sequence[int]) -> dict[int, np.ndarray[Any, Any]]:
+        rows = await self._embedding_rows(rowids)
+        return {int(r[0]): np.frombuffer(r[1], dtype=np.float32) for r in rows}
+
+    async def _embedding_rows(self, rowids: Sequence[int]) -> list[Row]:
+        """(message rowid, float32 blob) of the given messages that have a vector."""
         if not rowids:
-            return {}
-        rows = await self._read_all(
+            return []
+        return await self._read_all(
             "SELECT message_rowid, embedding FROM message_embeddings WHERE message_rowid IN "
             "(SELECT value FROM json_each(?))",
             (_ids_json(rowids),),
         )
-        return {int(r[0]): np.frombuffer(r[1], dtype=np.float32) for r in rows}
 
     async def vectors_by_hash(self, hashes: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
         """Stored vectors of messages with these content hashes (any session): a text is
@@ -648,14 +652,7 @@ class SQLiteStore:
         self, query: np.ndarray[Any, Any], rowids: Sequence[int]
     ) -> dict[int, float]:
         """Cosine distance from `query` to each given message's vector."""
-        if not rowids:
-            return {}
-        rows = await self._read_all(
-            "SELECT message_rowid, embedding FROM message_embeddings "
-            "WHERE message_rowid IN (SELECT value FROM json_each(?))",
-            (_ids_json(rowids),),
-        )
-        return _cosine_distances(query, rows)
+        return _cosine_distances(query, await self._embedding_rows(rowids))
 
     # -- snapshots -------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -41,7 +40,6 @@ class SummaryOutcome:
 
     summary: SummaryRow | None
     error: str | None = None
-    duration_s: float = 0.0
 
 
 class SummaryKeeper:
@@ -56,8 +54,6 @@ class SummaryKeeper:
         self._locks: dict[int, anyio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._scopes: set[anyio.CancelScope] = set()
-        self.completed = 0
-        self.failed = 0
 
     @property
     def pending(self) -> int:
@@ -82,7 +78,6 @@ class SummaryKeeper:
             covered = prior.covered_through if prior else -1
             if not self.due(covered, through):
                 return SummaryOutcome(None)
-            started = time.perf_counter()
             rows = await self._store.messages_between(
                 key, max(covered, through - SUMMARY_MAX_MESSAGES), through
             )
@@ -95,8 +90,7 @@ class SummaryKeeper:
             try:
                 result = await self._summarizer.summarize(prior.text if prior else None, lines)
             except TierMemError as exc:
-                self.failed += 1
-                return SummaryOutcome(None, str(exc), time.perf_counter() - started)
+                return SummaryOutcome(None, str(exc))
             row = SummaryRow(
                 text=result.text,
                 token_count=result.token_count,
@@ -106,8 +100,7 @@ class SummaryKeeper:
                 updated_at=self._clock(),
             )
             await self._store.save_summary(key, row)
-            self.completed += 1
-            return SummaryOutcome(row, None, time.perf_counter() - started)
+            return SummaryOutcome(row)
 
     def schedule(self, key: int, done: Callable[[SummaryOutcome], None]) -> None:
         """Run `update` up to the session's last clear in the background; `done` gets its
@@ -136,7 +129,6 @@ class SummaryKeeper:
         except TierMemError as exc:
             outcome = SummaryOutcome(None, str(exc))
         except Exception:
-            self.failed += 1
             log.exception("background summary of session %s failed", key)
             return
         finally:
