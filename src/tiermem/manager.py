@@ -14,18 +14,17 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import numpy as np
 import psutil
 
-from . import bridge, text
-from .cache import ActiveCache, CacheEntry, entry_type
+from . import bridge, budgets, text
+from .budgets import SessionBudget
+from .cache import CacheEntry
 from .config import (
     KV_CACHE_TYPE_BYTES,
     AdaptiveSnapshots,
@@ -43,15 +42,31 @@ from .errors import (
     NotFoundError,
     TierMemError,
 )
+from .intake import Intake, check_name, check_text, validate
 from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from .pool import ModelPool
-from .retrieval import EMBED_MAX_CHARS, Retriever
+from .retrieval import Retriever
 from .scoring import ImportanceScorer
+from .sessions import Session, Sessions
 from .statistics import CacheStatistics
-from .store import MessageRow, NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
+from .store import SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
 from .summaries import SummaryKeeper, SummaryOutcome
 from .summarizer import LLMSummarizer, Summarizer, TokenCounter
+from .telemetry import (
+    BudgetExceededEvent,
+    ClearEvent,
+    EvictionEvent,
+    LoggingTelemetry,
+    MaintenanceEvent,
+    RetrievalEvent,
+    SnapshotEvent,
+    SummaryEvent,
+    Telemetry,
+    TelemetryEvent,
+    emit,
+)
 from .types import (
+    ActiveEntry,
     CacheClearResult,
     CacheProcessingResult,
     CacheStatisticsExport,
@@ -90,18 +105,6 @@ class HeuristicTokenCounter:
         return text_[: max_tokens * 4]
 
 
-@dataclass(slots=True)
-class _Session:
-    key: int
-    session_id: str
-    namespace: str
-    state: StateRow
-    summary: SummaryRow | None
-    cache: ActiveCache = field(default_factory=ActiveCache)
-    last_activity: float = 0.0
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-
-
 class KVCacheManager:
     """Tiered memory for chat sessions. Open with `await KVCacheManager.open(path)`."""
 
@@ -118,6 +121,7 @@ class KVCacheManager:
         *,
         pool: ModelPool,
         stoppers: Sequence[Callable[[], None]] = (),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._store = store
         self._config = config
@@ -129,12 +133,14 @@ class KVCacheManager:
         self._clock = clock
         self._pool = pool
         self._stoppers = list(stoppers)
+        self._telemetry: Telemetry = telemetry or LoggingTelemetry()
+        self._intake = Intake(store, embedder, tokens, kv_shape.bytes_per_token, clock)
+        self._session_budget = SessionBudget.of(config)
         self._summaries = SummaryKeeper(store, summarizer, clock) if summarizer else None
         self._scorer = ImportanceScorer(config.scoring)
         self._retriever = self._make_retriever()
         self._stats = CacheStatistics()
-        self._sessions: dict[tuple[str, str], _Session] = {}
-        self._session_locks: dict[tuple[str, str], anyio.Lock] = {}
+        self._sessions = Sessions()
         self._closed = False
         self._peak_bytes = 0
         self._hits = 0
@@ -153,11 +159,14 @@ class KVCacheManager:
         summarizer: Summarizer | None = None,
         tokenizer: TokenCounter | None = None,
         clock: Callable[[], float] = time.time,
+        telemetry: Telemetry | None = None,
     ) -> KVCacheManager:
         """Open the database at `path` (created and migrated if new) with the given models.
 
         Unset models default to the bundled ones; the GGUF is checked now (its vocabulary
         and shape are read), so a missing or corrupt model fails here, not at a later turn.
+        Events go to `telemetry` (default: `LoggingTelemetry`, records on the
+        `tiermem.events` logger).
         """
         config = config or KVCacheConfig()
         pool = ModelPool(config.model_memory_limit_bytes)
@@ -204,6 +213,7 @@ class KVCacheManager:
             clock,
             pool=pool,
             stoppers=stoppers,
+            telemetry=telemetry,
         )
 
     async def __aenter__(self) -> KVCacheManager:
@@ -227,7 +237,7 @@ class KVCacheManager:
                     )
                     if cancelled:
                         log.warning("%d summaries left pending at shutdown", cancelled)
-                for session in list(self._sessions.values()):
+                for session in self._sessions:
                     await self._store.save_state(session.key, self._state_of(session))
             finally:
                 self._sessions.clear()
@@ -264,6 +274,7 @@ class KVCacheManager:
                 raise ConfigError(f"{name} cannot change while the manager is open")
         self._config = new
         self._scorer = ImportanceScorer(new.scoring)
+        self._session_budget = SessionBudget.of(new)
         self._retriever = self._make_retriever()
         return new
 
@@ -294,18 +305,13 @@ class KVCacheManager:
 
     # -- sessions --------------------------------------------------------------------------
 
-    def _lock_for(self, ident: tuple[str, str]) -> anyio.Lock:
-        lock = self._session_locks.get(ident)
-        if lock is None:
-            lock = self._session_locks[ident] = anyio.Lock()
-        return lock
-
-    async def _session(self, session_id: str, namespace: str, create: bool) -> _Session:
-        """The session in memory, rebuilt from the database if it left memory."""
-        _check_name("session_id", session_id)
-        _check_name("namespace", namespace)
+    async def _session(self, session_id: str, namespace: str, create: bool) -> Session:
+        """The session in memory (the caller holds its lock), rebuilt from the database if
+        it left memory; sessions used least recently leave if the budget needs room."""
+        check_name("session_id", session_id)
+        check_name("namespace", namespace)
         ident = (namespace, session_id)
-        session = self._sessions.get(ident)
+        session = self._sessions.use(ident)
         if session is not None:
             self._hits += 1
             return session
@@ -317,46 +323,72 @@ class KVCacheManager:
         else:
             self._misses += 1
         state = await self._store.load_state(key)
-        session = _Session(key, session_id, namespace, state, await self._store.summary(key))
+        session = Session(key, session_id, namespace, state, await self._store.summary(key))
         rows = await self._store.messages_by_rowid(state.pinned or [])
         rows += await self._store.messages_between(key, state.cleared_through)
-        session.cache.add(await self._entries(rows))
+        embedded = self._config.generate_cache_embeddings
+        session.cache.add(await self._intake.entries(rows, embedded))
         for entry in session.cache.entries:
             access, engagement = (state.entry_stats or {}).get(str(entry.rowid), (0, 0.0))
             entry.access_count, entry.engagement = int(access), float(engagement)
         session.last_activity = self._clock()
-        self._sessions[ident] = session
+        await self._hold_budget(sessions=1, kv_bytes=session.cache.kv_bytes)
+        self._sessions.add(session)
+        self._note_peak()
         if self._config.summary_mode == "background":
             self._schedule_summary(session)  # a clear whose summary did not land before
         return session
 
-    async def _entries(self, rows: Sequence[MessageRow]) -> list[CacheEntry]:
-        vectors: Mapping[int, Any] = {}
-        if self._config.generate_cache_embeddings:
-            vectors = await self._store.message_vectors([r.rowid for r in rows])
-        return self._make_entries(rows, vectors)
+    async def _hold_budget(self, sessions: int = 0, kv_bytes: int = 0) -> None:
+        """Make room for `sessions` more sessions and `kv_bytes` more under the manager's
+        budget: sessions used least recently leave memory, each flushed first. Sessions in
+        use stay, so a budget smaller than those can be exceeded for a while."""
 
-    def _make_entries(
-        self, rows: Sequence[MessageRow], vectors: Mapping[int, Any]
-    ) -> list[CacheEntry]:
-        per_token = self._kv_shape.bytes_per_token
-        return [
-            CacheEntry(
-                rowid=r.rowid,
-                message_id=r.message_id,
-                position=r.position,
-                role=r.role,
-                content=r.content,
-                created_at=r.created_at,
-                token_count=r.token_count,
-                kv_bytes=r.token_count * per_token,
-                entry_type=entry_type(r.role, r.content),
-                vector=vectors.get(r.rowid),
+        def excess() -> budgets.Excess | None:
+            return budgets.manager_excess(
+                self._config, len(self._sessions) + sessions, self._sessions.kv_bytes + kv_bytes
             )
-            for r in rows
-        ]
 
-    def _state_of(self, session: _Session) -> StateRow:
+        over = excess()
+        if over is None:
+            return
+        self._emit(BudgetExceededEvent(over.scope, over.value, over.limit))
+        for victim in self._sessions:  # least recently used first
+            if self._sessions.busy(victim.ident):
+                continue
+            try:
+                await self._evict(victim, over.eviction_reason)
+            except TierMemError as exc:  # it stays in memory; the turn goes on
+                log.warning("could not flush session %r to evict it: %s", victim.session_id, exc)
+            over = excess()
+            if over is None:
+                return
+
+    async def _evict(self, session: Session, reason: str) -> bool:
+        """Flush the session's state, then drop it from memory; False if it had already
+        left. Its next call rebuilds the same active cache, counters and summary."""
+        ident = session.ident
+        async with self._sessions.hold(ident):
+            if self._sessions.get(ident) is not session:
+                return False
+            await self._store.save_state(session.key, self._state_of(session))
+            self._sessions.remove(ident)
+        self._evictions[reason] = self._evictions.get(reason, 0) + 1
+        self._emit(
+            EvictionEvent(
+                session.session_id,
+                session.namespace,
+                reason,
+                session.cache.kv_bytes,
+                len(session.cache.entries),
+            )
+        )
+        return True
+
+    def _emit(self, event: TelemetryEvent) -> None:
+        emit(self._telemetry, event)
+
+    def _state_of(self, session: Session) -> StateRow:
         """The persistent state, with the current entry statistics."""
         state = session.state
         state.entry_stats = {
@@ -365,115 +397,6 @@ class KVCacheManager:
             if e.access_count or e.engagement > 1e-3
         }
         return state
-
-    # -- storing messages ------------------------------------------------------------------
-
-    async def _new_messages(
-        self, session: _Session, messages: Sequence[Message]
-    ) -> list[tuple[Message, str]]:
-        """The messages not stored yet, with their content hashes.
-
-        A list that starts with the stored conversation is the whole conversation (only its
-        tail is new); otherwise every message is new unless its id is already stored.
-        """
-        hashes = [text.content_hash(m.role, m.content) for m in messages]
-        n = session.state.message_count
-        if n and len(messages) >= n:
-            digest = ""
-            for i in range(n):
-                own_id = messages[i].id or _derived_id(session.session_id, i)
-                digest = text.chain_digest(digest, own_id, hashes[i])
-            if digest == session.state.prefix_digest:
-                return list(zip(messages[n:], hashes[n:], strict=True))
-        seen: set[str] = set()
-        for m in messages:
-            if m.id is not None:
-                if m.id in seen:
-                    raise InvalidInputError(f"message id {m.id!r} appears twice in one call")
-                seen.add(m.id)
-        existing = await self._store.existing_ids(session.key, sorted(seen))
-        out = []
-        for m, h in zip(messages, hashes, strict=True):
-            if m.id is not None and m.id in existing:
-                if existing[m.id] != h:
-                    raise InvalidInputError(
-                        f"message id {m.id!r} is already stored with other content"
-                    )
-                continue
-            out.append((m, h))
-        return out
-
-    async def _store_messages(
-        self,
-        session: _Session,
-        fresh: Sequence[tuple[Message, str]],
-        state: StateRow,
-    ) -> list[CacheEntry]:
-        """Count tokens, embed, and store `fresh` with `state` in one transaction."""
-        if not fresh:
-            await self._store.save_state(session.key, state)
-            return []
-        contents = [m.content for m, _ in fresh]
-        counts = await anyio.to_thread.run_sync(self._tokens.count, contents)
-        vectors = None
-        if self._config.generate_cache_embeddings:
-            vectors = await self._vectors_for([h for _, h in fresh], contents)
-        now = self._clock()
-        rows, digest, position = [], state.prefix_digest, state.message_count
-        for (m, h), tokens in zip(fresh, counts, strict=True):
-            message_id = m.id or _derived_id(session.session_id, position)
-            digest = text.chain_digest(digest, message_id, h)
-            created = m.created_at.timestamp() if m.created_at else now
-            meta = json.dumps(dict(m.metadata), default=str) if m.metadata else None
-            rows.append(
-                NewMessage(position, message_id, m.role, m.content, h, meta, created, tokens)
-            )
-            position += 1
-        state.prefix_digest, state.message_count = digest, position
-        rowids = await self._store.append_messages(session.key, rows, vectors, state)
-        stored = [
-            MessageRow(
-                rid,
-                r.position,
-                r.message_id,
-                r.role,
-                r.content,
-                r.created_at,
-                r.token_count,
-                r.metadata,
-            )
-            for rid, r in zip(rowids, rows, strict=True)
-        ]
-        by_rowid = {} if vectors is None else dict(zip(rowids, vectors, strict=True))
-        return self._make_entries(stored, by_rowid)
-
-    async def _vectors_for(self, hashes: Sequence[str], contents: Sequence[str]) -> Any:
-        """One vector per text: reused when the database already holds that text's vector,
-        embedded (in one batch, off the event loop) otherwise."""
-        known = await self._store.vectors_by_hash(hashes)
-        missing = sorted({h: i for i, h in enumerate(hashes) if h not in known}.values())
-        if missing:
-            fresh = await self._embedder.embed([contents[i][:EMBED_MAX_CHARS] for i in missing])
-            if fresh.shape != (len(missing), self._store.dimensions):
-                raise ModelError(
-                    f"embedder returned shape {fresh.shape}, expected "
-                    f"({len(missing)}, {self._store.dimensions})"
-                )
-            known.update((hashes[i], vector) for i, vector in zip(missing, fresh, strict=True))
-        return np.stack([known[h] for h in hashes]).astype(np.float32, copy=False)
-
-    def _validate(self, messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise InvalidInputError("messages must be a list of Message")
-        out = []
-        for m in messages:
-            if isinstance(m, Mapping):
-                m = Message(**m)
-            if not isinstance(m, Message):
-                raise InvalidInputError(f"expected a Message, got {type(m).__name__}")
-            _check_text("message content", m.content, self._config.max_message_bytes)
-            out.append(m)
-        return out
 
     # -- the turn --------------------------------------------------------------------------
 
@@ -490,27 +413,29 @@ class KVCacheManager:
         already stored are not stored again.
         """
         self._check_open()
-        checked = self._validate(messages)
-        async with self._lock_for((namespace, session_id)):
+        checked = validate(messages, self._config.max_message_bytes)
+        async with self._sessions.hold((namespace, session_id)):
             session = await self._session(session_id, namespace, create=True)
-            fresh = await self._new_messages(session, checked)
+            fresh = await self._intake.new_messages(session, checked)
             state = session.state
             turns_before = state.conversation_count
             state.conversation_count = turns_before + 1
-            entries = await self._store_messages(session, fresh, state)
+            embed = self._config.generate_cache_embeddings
+            entries = await self._intake.store(session, fresh, state, embed)
             session.last_activity = self._clock()
+            await self._hold_budget(kv_bytes=sum(e.kv_bytes for e in entries))
             self._scorer.decay(session.cache.entries)
             session.cache.add(entries)
             self._note_peak()
 
             slid_out: list[str] = []
             if self._config.context_overflow == "sliding_window":
-                slid_out = await self._slide(session)
+                slid_out = await self._shed(session, budget=False)
             reason = self._clear_reason(session, turns_before)
             clear_result = await self._clear(session, reason) if reason else None
-            if clear_result is not None and self._overflows(session):
-                # what a clear must preserve does not fit the window either
-                slid_out += await self._slide(session)
+            if clear_result is not None:
+                # what a clear must preserve may not fit the window or the budget either
+                slid_out += await self._shed(session, budget=True)
             bridges: list[str] = []
             if clear_result is not None:
                 bridges.append(clear_result.bridge_message)
@@ -557,23 +482,26 @@ class KVCacheManager:
         not retrieved for, and do not enter the active cache.
         """
         self._check_open()
-        checked = self._validate(messages)
+        checked = validate(messages, self._config.max_message_bytes)
         if batch_size < 1:
             raise InvalidInputError("batch_size must be at least 1")
-        async with self._lock_for((namespace, session_id)):
+        async with self._sessions.hold((namespace, session_id)):
             session = await self._session(session_id, namespace, create=True)
-            fresh = await self._new_messages(session, checked)
+            fresh = await self._intake.new_messages(session, checked)
             for start in range(0, len(fresh), batch_size):
                 state = session.state
                 state.cleared_through = (
                     state.message_count + min(batch_size, len(fresh) - start) - 1
                 )
                 state.pinned = session.cache.rowids()
-                await self._store_messages(session, fresh[start : start + batch_size], state)
+                batch = fresh[start : start + batch_size]
+                await self._intake.store(
+                    session, batch, state, self._config.generate_cache_embeddings
+                )
             session.last_activity = self._clock()
             return len(fresh)
 
-    def _clear_reason(self, session: _Session, turns_before: int) -> ClearReason | None:
+    def _clear_reason(self, session: Session, turns_before: int) -> ClearReason | None:
         c = self._config
         if not c.enabled:
             return None
@@ -581,30 +509,34 @@ class KVCacheManager:
             return ClearReason.CONVERSATION_LIMIT
         if session.cache.kv_bytes / self.max_cache_bytes() >= c.memory_threshold_percent:
             return ClearReason.MEMORY_THRESHOLD
-        if self._overflows(session):
+        window = self._context_tokens
+        if window is not None and session.cache.token_count > window:
             return ClearReason.CONTEXT_OVERFLOW
-        if len(session.cache.entries) > c.max_cache_entries:
+        over = self._session_budget.excess(session.cache)
+        if over is None:
+            return None
+        self._emit(
+            BudgetExceededEvent(
+                over.scope, over.value, over.limit, session.session_id, session.namespace
+            )
+        )
+        if over.scope == "session_entries":
             return ClearReason.ENTRY_LIMIT
-        return None
+        return ClearReason.SESSION_BUDGET
 
-    def _overflows(self, session: _Session) -> bool:
-        window = self._context_tokens
-        return window is not None and session.cache.token_count > window
-
-    async def _slide(self, session: _Session) -> list[str]:
-        """Drop the oldest entries (system prompts stay) until the active cache fits the
-        context window; they stay in the history. Returns their message ids."""
-        window = self._context_tokens
-        if window is None or not self._overflows(session):
+    async def _shed(self, session: Session, *, budget: bool) -> list[str]:
+        """Drop the oldest entries (system prompts last) until the active cache fits the
+        context window, and the session's budget if `budget`; they stay in the history.
+        Returns their message ids."""
+        limits = self._session_budget
+        dropped = budgets.shed(
+            session.cache.entries,
+            max_tokens=self._context_tokens,
+            max_bytes=limits.max_bytes if budget else None,
+            max_entries=limits.max_entries if budget else None,
+        )
+        if not dropped:
             return []
-        tokens = session.cache.token_count
-        dropped: list[CacheEntry] = []
-        for entry in session.cache.entries:
-            if tokens <= window:
-                break
-            if entry.entry_type != "system_prompt":
-                dropped.append(entry)
-                tokens -= entry.token_count
         gone = {e.rowid for e in dropped}
         keep = [e for e in session.cache.entries if e.rowid not in gone]
         state = session.state
@@ -633,7 +565,7 @@ class KVCacheManager:
 
     # -- clearing --------------------------------------------------------------------------
 
-    async def _clear(self, session: _Session, reason: ClearReason) -> CacheClearResult:
+    async def _clear(self, session: Session, reason: ClearReason) -> CacheClearResult:
         c = self._config
         entries = session.cache.entries
         self._scorer.rescore(entries)
@@ -652,8 +584,10 @@ class KVCacheManager:
             outcome = SummaryOutcome(None, "no summarizer configured")
         elif c.summary_mode == "inline":
             outcome = await self._summaries.update(session.key, through, clear_count)
+            self._summary_landed(session, outcome)
 
         state = session.state
+        bytes_before = session.cache.kv_bytes
         state.clear_count = clear_count
         state.conversation_count = 0
         state.cleared_through = through
@@ -664,8 +598,6 @@ class KVCacheManager:
         snapshot_id = await self._store.save_clear(
             session.key, self._state_of(session), snapshot, vectors
         )
-        if outcome.summary is not None:
-            session.summary = outcome.summary
         pending = c.summary_mode == "background" and self._schedule_summary(session)
 
         keywords = text.top_keywords(e.content for e in keep if e.entry_type != "system_prompt")
@@ -677,8 +609,12 @@ class KVCacheManager:
         else:
             message = bridge.clear_bridge(cleared, len(keep), keywords)
         self._stats.record_clear(len(entries), len(keep), reason.value, session.session_id)
+        sid, ns = session.session_id, session.namespace
+        freed = bytes_before - session.cache.kv_bytes
+        self._emit(ClearEvent(sid, ns, reason.value, cleared, len(keep), freed))
         if snapshot_id is not None and snapshot is not None:
-            self._stats.record_snapshot(snapshot_id, len(snapshot[2]), session.session_id)
+            self._stats.record_snapshot(snapshot_id, len(snapshot[2]), sid)
+            self._emit(SnapshotEvent(sid, ns, snapshot_id, len(snapshot[2])))
         return CacheClearResult(
             entries_to_keep=[
                 PreservedEntry(e.message_id, e.role, e.content, e.importance, e.entry_type)
@@ -711,7 +647,7 @@ class KVCacheManager:
         rows = [SnapshotEntryRow(e.rowid, e.importance, e.entry_type, e.kv_bytes) for e in chosen]
         return reason.value, strategy.kind, rows
 
-    def _schedule_summary(self, session: _Session) -> bool:
+    def _schedule_summary(self, session: Session) -> bool:
         """Start a background update if the session's clears are not all summarized yet;
         the session in memory gets the summary when it lands. True if one was started."""
         summary = session.summary
@@ -722,20 +658,34 @@ class KVCacheManager:
             summary.covered_through if summary else -1, state.cleared_through
         ):
             return False
-        ident = (session.namespace, session.session_id)
-
-        def landed(outcome: SummaryOutcome) -> None:
-            new = outcome.summary
-            if new is None:
-                return
-            for holder in (session, self._sessions.get(ident)):
-                if holder is not None and (
-                    holder.summary is None or holder.summary.covered_through < new.covered_through
-                ):
-                    holder.summary = new
-
-        self._summaries.schedule(session.key, landed)
+        self._summaries.schedule(
+            session.key, lambda outcome: self._summary_landed(session, outcome)
+        )
         return True
+
+    def _summary_landed(self, session: Session, outcome: SummaryOutcome) -> None:
+        """Hand a new summary to the session (and to its rebuilt self, if it left memory
+        meanwhile), and report the update."""
+        new = outcome.summary
+        if new is None and outcome.error is None:
+            return  # nothing was due
+        self._emit(
+            SummaryEvent(
+                session.session_id,
+                session.namespace,
+                outcome.duration_ms,
+                new.token_count if new else 0,
+                outcome.messages,
+                outcome.error,
+            )
+        )
+        if new is None:
+            return
+        for holder in (session, self._sessions.get(session.ident)):
+            if holder is not None and (
+                holder.summary is None or holder.summary.covered_through < new.covered_through
+            ):
+                holder.summary = new
 
     async def wait_for_summaries(self, timeout: float | None = None) -> bool:
         """Wait until every background summary has landed; False if `timeout` passed first."""
@@ -755,7 +705,7 @@ class KVCacheManager:
             why = ClearReason(reason)
         except ValueError as exc:
             raise InvalidInputError(f"unknown clear reason {reason!r}") from exc
-        async with self._lock_for((namespace, session_id)):
+        async with self._sessions.hold((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             return await self._clear(session, why)
 
@@ -782,16 +732,16 @@ class KVCacheManager:
         self._check_open()
         if not isinstance(query, str):
             raise InvalidInputError(f"query must be str, not {type(query).__name__}")
-        _check_text("query", query, self._config.max_message_bytes)
+        check_text("query", query, self._config.max_message_bytes)
         wanted = self._config.retrieval_limit if limit is None else limit
         if wanted < 1:
             raise InvalidInputError("limit must be at least 1")
-        async with self._lock_for((namespace, session_id)):
+        async with self._sessions.hold((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             return await self._retrieve(session, query, wanted, set())
 
     async def _retrieve(
-        self, session: _Session, query: str, limit: int, exclude: set[int]
+        self, session: Session, query: str, limit: int, exclude: set[int]
     ) -> RetrievalResult:
         started = time.perf_counter()
         outcome = await self._retriever.search(
@@ -816,6 +766,20 @@ class KVCacheManager:
         self._stats.record_retrieval(
             len(hits), outcome.tiers_searched, len(outcome.keywords), session.session_id
         )
+        duration_ms = (time.perf_counter() - started) * 1000
+        by_tier: dict[int, int] = {}
+        for h in hits:
+            by_tier[h.source_tier] = by_tier.get(h.source_tier, 0) + 1
+        self._emit(
+            RetrievalEvent(
+                session.session_id,
+                session.namespace,
+                tuple(outcome.tiers_searched),
+                len(hits),
+                by_tier,
+                duration_ms,
+            )
+        )
         message = None
         if hits:
             tiers = [h.source_tier for h in hits]
@@ -826,7 +790,7 @@ class KVCacheManager:
             entries=hits,
             bridge_message=message,
             tiers_searched=outcome.tiers_searched,
-            search_duration_ms=(time.perf_counter() - started) * 1000,
+            search_duration_ms=duration_ms,
             keywords_used=outcome.keywords,
         )
 
@@ -848,14 +812,16 @@ class KVCacheManager:
     ) -> RestoreResult:
         """Bring a snapshot's entries back into the session's active cache."""
         self._check_open()
-        async with self._lock_for((namespace, session_id)):
+        async with self._sessions.hold((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             rows = await self._store.snapshot_entries(session.key, snapshot_id)
             if rows is None:
                 raise NotFoundError(f"session {session_id!r} has no snapshot {snapshot_id}")
             info = next(r for r in await self._store.snapshots(session.key) if r[0] == snapshot_id)
             messages = await self._store.messages_by_rowid([r.message_rowid for r in rows])
-            session.cache.add(await self._entries(messages))
+            session.cache.add(
+                await self._intake.entries(messages, self._config.generate_cache_embeddings)
+            )
             pinned = set(session.state.pinned or [])
             pinned.update(r.rowid for r in messages if r.position <= session.state.cleared_through)
             session.state.pinned = sorted(pinned)
@@ -872,8 +838,8 @@ class KVCacheManager:
         session = self._sessions.get((namespace, session_id))
         if session is not None:
             return session.key
-        _check_name("session_id", session_id)
-        _check_name("namespace", namespace)
+        check_name("session_id", session_id)
+        check_name("namespace", namespace)
         key = await self._store.session_key(namespace, session_id)
         if key is None:
             raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
@@ -884,7 +850,7 @@ class KVCacheManager:
     ) -> SessionCacheState | None:
         self._check_open()
         try:
-            async with self._lock_for((namespace, session_id)):
+            async with self._sessions.hold((namespace, session_id)):
                 return self._public_state(await self._session(session_id, namespace, False))
         except NotFoundError:
             return None
@@ -917,9 +883,29 @@ class KVCacheManager:
     async def context_usage(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Tokens in the session's active cache."""
         self._check_open()
-        async with self._lock_for((namespace, session_id)):
+        async with self._sessions.hold((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             return session.cache.token_count
+
+    async def get_active_cache(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> list[ActiveEntry]:
+        """The session's active cache in order: what the host's model currently sees."""
+        self._check_open()
+        async with self._sessions.hold((namespace, session_id)):
+            session = await self._session(session_id, namespace, create=False)
+            return [
+                ActiveEntry(
+                    e.message_id,
+                    e.role,
+                    e.content,
+                    e.token_count,
+                    e.kv_bytes,
+                    e.entry_type,
+                    e.access_count,
+                )
+                for e in session.cache.entries
+            ]
 
     async def list_sessions(self) -> list[tuple[str, str, int, datetime]]:
         """(namespace, session id, message count, last activity) of every stored session."""
@@ -936,7 +922,7 @@ class KVCacheManager:
     ) -> None:
         """Persist the session's in-memory state (counters, cache statistics) now."""
         self._check_open()
-        async with self._lock_for((namespace, session_id)):
+        async with self._sessions.hold((namespace, session_id)):
             session = self._sessions.get((namespace, session_id))
             if session is None:
                 await self._known_key(session_id, namespace)
@@ -946,8 +932,8 @@ class KVCacheManager:
     async def delete_session(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
         """Remove a session and all derived from it; False if it did not exist."""
         self._check_open()
-        async with self._lock_for((namespace, session_id)):
-            self._sessions.pop((namespace, session_id), None)
+        async with self._sessions.hold((namespace, session_id)):
+            self._sessions.remove((namespace, session_id))
             try:
                 key = await self._known_key(session_id, namespace)
             except NotFoundError:
@@ -962,22 +948,15 @@ class KVCacheManager:
         self._check_open()
         started = time.perf_counter()
         errors: list[str] = []
-        cleaned = 0
+        evicted = 0
         cutoff = self._clock() - self._config.idle_eviction_seconds
-        for ident, session in list(self._sessions.items()):
-            if session.last_activity > cutoff:
+        for session in self._sessions:
+            if session.last_activity > cutoff or self._sessions.busy(session.ident):
                 continue
-            async with self._lock_for(ident):
-                if self._sessions.get(ident) is not session or session.last_activity > cutoff:
-                    continue
-                try:
-                    await self._store.save_state(session.key, self._state_of(session))
-                except TierMemError as exc:
-                    errors.append(f"session {session.session_id!r}: {exc}")
-                    continue
-                del self._sessions[ident]
-                self._evictions["idle"] = self._evictions.get("idle", 0) + 1
-                cleaned += 1
+            try:
+                evicted += await self._evict(session, budgets.IDLE)
+            except TierMemError as exc:
+                errors.append(f"session {session.session_id!r}: {exc}")
         pruned = 0
         strategy = self._config.snapshot_strategy
         if isinstance(strategy, (IncrementalSnapshots, AdaptiveSnapshots)):
@@ -985,7 +964,9 @@ class KVCacheManager:
                 pruned = await self._store.prune_snapshots(strategy.max_snapshots)
             except TierMemError as exc:
                 errors.append(f"pruning snapshots: {exc}")
-        return MaintenanceResult(cleaned, pruned, errors, (time.perf_counter() - started) * 1000)
+        duration_ms = (time.perf_counter() - started) * 1000
+        self._emit(MaintenanceEvent(evicted, pruned, len(errors), duration_ms))
+        return MaintenanceResult(evicted, pruned, errors, duration_ms)
 
     async def run_maintenance(self, interval_seconds: float = 300.0) -> None:
         """Run `perform_maintenance` every `interval_seconds` until cancelled."""
@@ -1005,7 +986,7 @@ class KVCacheManager:
         self._peak_bytes = max(self._peak_bytes, self._estimated_bytes())
 
     def _estimated_bytes(self) -> int:
-        return sum(s.cache.kv_bytes for s in self._sessions.values())
+        return self._sessions.kv_bytes
 
     async def status(self) -> ManagerStatus:
         """Memory, budget and eviction figures, and the models' state."""
@@ -1027,7 +1008,7 @@ class KVCacheManager:
             budget_bytes=self._config.max_bytes_total,
             peak_bytes=max(self._peak_bytes, self._estimated_bytes()),
             session_count=len(self._sessions),
-            total_entries=sum(len(s.cache.entries) for s in self._sessions.values()),
+            total_entries=self._sessions.entries,
             evictions_by_reason=dict(self._evictions),
             hits=self._hits,
             misses=self._misses,
@@ -1035,7 +1016,7 @@ class KVCacheManager:
             models=models,
         )
 
-    def _public_state(self, session: _Session) -> SessionCacheState:
+    def _public_state(self, session: Session) -> SessionCacheState:
         s = session.state
         return SessionCacheState(
             session_id=session.session_id,
@@ -1054,10 +1035,6 @@ class KVCacheManager:
         )
 
 
-def _derived_id(session_id: str, position: int) -> str:
-    return f"{session_id}#{position}"
-
-
 def _public_summary(row: SummaryRow) -> SessionSummary:
     return SessionSummary(
         text=row.text,
@@ -1066,19 +1043,3 @@ def _public_summary(row: SummaryRow) -> SessionSummary:
         message_count=row.message_count,
         updated_at=datetime.fromtimestamp(row.updated_at, UTC),
     )
-
-
-def _check_name(what: str, value: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInputError(f"{what} must be a non-empty string")
-    if len(value) > 512 or "\x00" in value:
-        raise InvalidInputError(f"{what} must be at most 512 characters with no NUL")
-
-
-def _check_text(what: str, value: str, max_bytes: int) -> None:
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(f"{what} is not valid Unicode text (lone surrogate)") from exc
-    if size > max_bytes:
-        raise InvalidInputError(f"{what} is {size} bytes; the limit is {max_bytes}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -36,10 +37,13 @@ SUMMARY_MAX_MESSAGES = 512
 
 @dataclass(frozen=True, slots=True)
 class SummaryOutcome:
-    """An update's result: the new summary, or why there is none (both None: nothing new)."""
+    """An update's result: the new summary, or why there is none (both None: nothing new),
+    with the summarizer's time and the number of messages it was given."""
 
     summary: SummaryRow | None
     error: str | None = None
+    duration_ms: float = 0.0
+    messages: int = 0
 
 
 class SummaryKeeper:
@@ -87,10 +91,11 @@ class SummaryKeeper:
                 for r in rows
                 if r.content.strip() and r.role != "system"
             ]
+            started = time.perf_counter()
             try:
                 result = await self._summarizer.summarize(prior.text if prior else None, lines)
             except TierMemError as exc:
-                return SummaryOutcome(None, str(exc))
+                return SummaryOutcome(None, str(exc), _ms_since(started), len(lines))
             row = SummaryRow(
                 text=result.text,
                 token_count=result.token_count,
@@ -100,7 +105,7 @@ class SummaryKeeper:
                 updated_at=self._clock(),
             )
             await self._store.save_summary(key, row)
-            return SummaryOutcome(row)
+            return SummaryOutcome(row, None, _ms_since(started), len(lines))
 
     def schedule(self, key: int, done: Callable[[SummaryOutcome], None]) -> None:
         """Run `update` up to the session's last clear in the background; `done` gets its
@@ -158,3 +163,7 @@ class SummaryKeeper:
                     scope.cancel()
                 await asyncio.wait(left)
         return len(left)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

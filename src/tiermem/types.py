@@ -41,6 +41,7 @@ class ClearReason(enum.StrEnum):
     MEMORY_THRESHOLD = "MemoryThreshold"
     CONTEXT_OVERFLOW = "ContextOverflow"
     ENTRY_LIMIT = "EntryLimit"
+    SESSION_BUDGET = "SessionBudget"
     MANUAL = "Manual"
     ERROR_RECOVERY = "ErrorRecovery"
 
@@ -61,6 +62,19 @@ class PreservedEntry:
     text: str
     importance: float
     entry_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveEntry:
+    """An entry of a session's active cache: what the host's model currently sees."""
+
+    message_id: str
+    role: str
+    text: str
+    token_count: int
+    kv_bytes: int
+    entry_type: str
+    access_count: int
 
 
 @dataclass(frozen=True, slots=True)
