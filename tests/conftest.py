@@ -62,6 +62,7 @@ def open_manager(
             summarizer=overrides.pop("summarizer", summarizer),
             tokenizer=overrides.pop("tokenizer", WordCounter()),
             clock=overrides.pop("clock", clock),
+            telemetry=overrides.pop("telemetry", None),
         )
 
     return opener

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TypeVar
 
 import anyio
 import numpy as np
 
-from tiermem import ModelError, SummaryText, TranscriptLine
+from tiermem import ModelError, SummaryText, TelemetryEvent, TranscriptLine
 from tiermem.text import words
+
+E = TypeVar("E")
 
 
 class HashingEmbedder:
@@ -79,11 +82,26 @@ class GatedSummarizer(RecordingSummarizer):
     def __init__(self) -> None:
         super().__init__()
         self.gate = anyio.Event()
+        self.entered = anyio.Event()  # set when the first summary starts
         self.started = 0
 
     async def summarize(
         self, prior: str | None, transcript: Sequence[TranscriptLine]
     ) -> SummaryText:
         self.started += 1
+        self.entered.set()
         await self.gate.wait()
         return await super().summarize(prior, transcript)
+
+
+class RecordingTelemetry:
+    """Keeps every event, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[TelemetryEvent] = []
+
+    def emit(self, event: TelemetryEvent) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e in self.events if isinstance(e, kind)]

@@ -13,7 +13,8 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from .pool import ModelPool
 from .retrieval import Retriever
 from .scoring import ImportanceScorer
-from .sessions import Session, Sessions
+from .sessions import Ident, Session, Sessions
 from .statistics import CacheStatistics
 from .store import SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
 from .summaries import SummaryKeeper, SummaryOutcome
@@ -305,6 +306,14 @@ class KVCacheManager:
 
     # -- sessions --------------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def _use(self, ident: Ident) -> AsyncIterator[None]:
+        """Hold a session's lock for one call; then, if sessions in use kept the manager
+        over its budget, let the least recently used leave now that they can."""
+        async with self._sessions.hold(ident):
+            yield
+        await self._hold_budget()
+
     async def _session(self, session_id: str, namespace: str, create: bool) -> Session:
         """The session in memory (the caller holds its lock), rebuilt from the database if
         it left memory; sessions used least recently leave if the budget needs room."""
@@ -414,7 +423,7 @@ class KVCacheManager:
         """
         self._check_open()
         checked = validate(messages, self._config.max_message_bytes)
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = await self._session(session_id, namespace, create=True)
             fresh = await self._intake.new_messages(session, checked)
             state = session.state
@@ -485,7 +494,7 @@ class KVCacheManager:
         checked = validate(messages, self._config.max_message_bytes)
         if batch_size < 1:
             raise InvalidInputError("batch_size must be at least 1")
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = await self._session(session_id, namespace, create=True)
             fresh = await self._intake.new_messages(session, checked)
             for start in range(0, len(fresh), batch_size):
@@ -705,7 +714,7 @@ class KVCacheManager:
             why = ClearReason(reason)
         except ValueError as exc:
             raise InvalidInputError(f"unknown clear reason {reason!r}") from exc
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             return await self._clear(session, why)
 
@@ -736,7 +745,7 @@ class KVCacheManager:
         wanted = self._config.retrieval_limit if limit is None else limit
         if wanted < 1:
             raise InvalidInputError("limit must be at least 1")
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             return await self._retrieve(session, query, wanted, set())
 
@@ -812,7 +821,7 @@ class KVCacheManager:
     ) -> RestoreResult:
         """Bring a snapshot's entries back into the session's active cache."""
         self._check_open()
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             rows = await self._store.snapshot_entries(session.key, snapshot_id)
             if rows is None:
@@ -850,7 +859,7 @@ class KVCacheManager:
     ) -> SessionCacheState | None:
         self._check_open()
         try:
-            async with self._sessions.hold((namespace, session_id)):
+            async with self._use((namespace, session_id)):
                 return self._public_state(await self._session(session_id, namespace, False))
         except NotFoundError:
             return None
@@ -883,7 +892,7 @@ class KVCacheManager:
     async def context_usage(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Tokens in the session's active cache."""
         self._check_open()
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             return session.cache.token_count
 
@@ -892,7 +901,7 @@ class KVCacheManager:
     ) -> list[ActiveEntry]:
         """The session's active cache in order: what the host's model currently sees."""
         self._check_open()
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = await self._session(session_id, namespace, create=False)
             return [
                 ActiveEntry(
@@ -922,7 +931,7 @@ class KVCacheManager:
     ) -> None:
         """Persist the session's in-memory state (counters, cache statistics) now."""
         self._check_open()
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             session = self._sessions.get((namespace, session_id))
             if session is None:
                 await self._known_key(session_id, namespace)
@@ -932,7 +941,7 @@ class KVCacheManager:
     async def delete_session(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
         """Remove a session and all derived from it; False if it did not exist."""
         self._check_open()
-        async with self._sessions.hold((namespace, session_id)):
+        async with self._use((namespace, session_id)):
             self._sessions.remove((namespace, session_id))
             try:
                 key = await self._known_key(session_id, namespace)
