@@ -24,9 +24,11 @@ def _config(args: argparse.Namespace) -> KVCacheConfig:
 async def _status(args: argparse.Namespace) -> int:
     from .manager import KVCacheManager
 
+    if not await anyio.Path(args.db).is_file():
+        raise TierMemError(f"no database at {args.db}")
     async with await KVCacheManager.open(args.db, _config(args)) as mgr:
         status = dataclasses.asdict(await mgr.status())
-        status["stored_sessions"] = len(await mgr.list_sessions())
+        status["stored"] = await mgr.storage_status()
     if args.json:
         print(json.dumps(status, indent=2, default=str))
     else:
@@ -57,7 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--fixture", help="conversation JSON (default: fixtures/demo_conversation.json)"
     )
-    status = add("status", "Print memory, budget and model figures for a database.")
+    status = add(
+        "status",
+        "Print memory, budget and model figures, and what the database holds. The memory "
+        "figures are this process's: a manager embedded in a host reports its own through "
+        "`await manager.status()`.",
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

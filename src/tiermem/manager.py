@@ -57,6 +57,7 @@ from .telemetry import (
     BudgetExceededEvent,
     ClearEvent,
     EvictionEvent,
+    Guarded,
     LoggingTelemetry,
     MaintenanceEvent,
     RetrievalEvent,
@@ -64,7 +65,6 @@ from .telemetry import (
     SummaryEvent,
     Telemetry,
     TelemetryEvent,
-    emit,
 )
 from .types import (
     ActiveEntry,
@@ -134,7 +134,7 @@ class KVCacheManager:
         self._clock = clock
         self._pool = pool
         self._stoppers = list(stoppers)
-        self._telemetry: Telemetry = telemetry or LoggingTelemetry()
+        self._telemetry = Guarded(telemetry or LoggingTelemetry())
         self._intake = Intake(store, embedder, tokens, kv_shape.bytes_per_token, clock)
         self._session_budget = SessionBudget.of(config)
         self._summaries = SummaryKeeper(store, summarizer, clock) if summarizer else None
@@ -395,7 +395,7 @@ class KVCacheManager:
         return True
 
     def _emit(self, event: TelemetryEvent) -> None:
-        emit(self._telemetry, event)
+        self._telemetry.emit(event)
 
     def _state_of(self, session: Session) -> StateRow:
         """The persistent state, with the current entry statistics."""
@@ -1024,6 +1024,24 @@ class KVCacheManager:
             rss_bytes=psutil.Process().memory_info().rss,
             models=models,
         )
+
+    async def storage_status(self) -> dict[str, int]:
+        """What the database holds: sessions, messages, snapshots and summaries, and the
+        bytes of its files (the WAL included)."""
+        self._check_open()
+        counts = await self._store.counts()
+        file_bytes = 0
+        for suffix in ("", "-wal"):
+            file = anyio.Path(self._store.path + suffix)
+            if await file.exists():
+                file_bytes += (await file.stat()).st_size
+        return {
+            "sessions": counts["sessions"],
+            "messages": counts["messages"],
+            "snapshots": counts["kv_snapshots"],
+            "summaries": counts["session_summaries"],
+            "file_bytes": file_bytes,
+        }
 
     def _public_state(self, session: Session) -> SessionCacheState:
         s = session.state

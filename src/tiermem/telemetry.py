@@ -220,9 +220,24 @@ class OpenTelemetryMetrics:
                 self._maintenance_ms.record(ms)
 
 
-def emit(telemetry: Telemetry, event: TelemetryEvent) -> None:
-    """Hand `event` to `telemetry`; a failing sink is logged, never raised into a turn."""
-    try:
-        telemetry.emit(event)
-    except Exception:
-        log.exception("telemetry sink %s failed on a %s event", type(telemetry), event.kind)
+class Guarded:
+    """Hands events to a sink, which may fail: a failure is logged (with its traceback the
+    first time, then every 1000th), never raised into the turn that emitted the event."""
+
+    def __init__(self, sink: Telemetry) -> None:
+        self.sink = sink
+        self.failures = 0
+
+    def emit(self, event: TelemetryEvent) -> None:
+        try:
+            self.sink.emit(event)
+        except Exception:
+            self.failures += 1
+            if self.failures % 1000 == 1:
+                log.error(
+                    "telemetry sink %s failed on a %s event (%d failures so far)",
+                    type(self.sink).__name__,
+                    event.kind,
+                    self.failures,
+                    exc_info=self.failures == 1,
+                )
