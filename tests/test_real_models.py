@@ -183,3 +183,26 @@ def test_loading_the_gguf_does_not_swallow_the_hosts_output(
     loader.join()
     out = capfd.readouterr().out
     assert out.count("host line") == printed
+
+
+async def test_a_generation_queued_behind_another_is_not_timed_out_by_the_wait() -> None:
+    from tiermem.llm import LlamaChat
+    from tiermem.pool import ModelPool
+
+    chat = LlamaChat(bundled_gguf_path(), 512, None, ModelPool(), 1)
+    pool = chat.pool
+    try:
+        busy = anyio.Event()
+
+        async def other_call() -> None:  # holds the model the way a running call does
+            async with chat._limiter:
+                busy.set()
+                await anyio.sleep(1.5)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_call)
+            await busy.wait()
+            _, tokens = await chat.complete([{"role": "user", "content": "Hi"}], 4, 1.0)
+        assert tokens >= 1
+    finally:
+        await pool.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import numpy as np
@@ -15,10 +15,12 @@ from .cache import CacheEntry, entry_type
 from .embedder import Embedder
 from .errors import InvalidInputError, ModelError
 from .retrieval import EMBED_MAX_CHARS
-from .sessions import Session
 from .store import MessageRow, NewMessage, SQLiteStore, StateRow
 from .summarizer import TokenCounter
 from .types import Message
+
+if TYPE_CHECKING:
+    from .sessions import Session
 
 
 def derived_id(session_id: str, position: int) -> str:

@@ -182,7 +182,8 @@ class LlamaChat:
         """Greedy chat completion; returns the text and its token count.
 
         The timeout is enforced inside generation (a stopping criterion), because a thread
-        running llama.cpp cannot be cancelled from outside.
+        running llama.cpp cannot be cancelled from outside; it counts from when this call
+        gets the model, not the time spent queued behind other calls.
         """
         async with self.pool.use(self.slot) as (llama, formatter):
             return await anyio.to_thread.run_sync(
@@ -191,7 +192,7 @@ class LlamaChat:
                 formatter,
                 messages,
                 max_tokens,
-                time.monotonic() + timeout,
+                timeout,
                 limiter=self._limiter,
             )
 
@@ -206,10 +207,11 @@ class LlamaChat:
         formatter: Any,
         messages: list[dict[str, str]],
         max_tokens: int,
-        deadline: float,
+        timeout: float,
     ) -> tuple[str, int]:
         import llama_cpp
 
+        deadline = time.monotonic() + timeout
         if self._stop.is_set():
             raise ModelError("the model is shutting down")
         self.calls += 1

@@ -13,8 +13,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,15 +47,14 @@ from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from .pool import ModelPool
 from .retrieval import Retriever
 from .scoring import ImportanceScorer
-from .sessions import Ident, Session, Sessions
+from .sessions import Session, SessionMemory
 from .statistics import CacheStatistics
-from .store import SnapshotEntryRow, SQLiteStore, StateRow, SummaryRow
+from .store import SnapshotEntryRow, SQLiteStore, SummaryRow
 from .summaries import SummaryKeeper, SummaryOutcome
 from .summarizer import LLMSummarizer, Summarizer, TokenCounter
 from .telemetry import (
     BudgetExceededEvent,
     ClearEvent,
-    EvictionEvent,
     Guarded,
     LoggingTelemetry,
     MaintenanceEvent,
@@ -141,12 +139,11 @@ class KVCacheManager:
         self._scorer = ImportanceScorer(config.scoring)
         self._retriever = self._make_retriever()
         self._stats = CacheStatistics()
-        self._sessions = Sessions()
+        self._memory = SessionMemory(
+            store, self._intake, lambda: self._config, self._telemetry, clock, self._loaded
+        )
+        self._sessions = self._memory.sessions
         self._closed = False
-        self._peak_bytes = 0
-        self._hits = 0
-        self._misses = 0
-        self._evictions: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -239,7 +236,7 @@ class KVCacheManager:
                     if cancelled:
                         log.warning("%d summaries left pending at shutdown", cancelled)
                 for session in self._sessions:
-                    await self._store.save_state(session.key, self._state_of(session))
+                    await self._memory.flush(session)
             finally:
                 self._sessions.clear()
                 await self._store.close()
@@ -306,106 +303,12 @@ class KVCacheManager:
 
     # -- sessions --------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _use(self, ident: Ident) -> AsyncIterator[None]:
-        """Hold a session's lock for one call; then, if sessions in use kept the manager
-        over its budget, let the least recently used leave now that they can."""
-        async with self._sessions.hold(ident):
-            yield
-        await self._hold_budget()
-
-    async def _session(self, session_id: str, namespace: str, create: bool) -> Session:
-        """The session in memory (the caller holds its lock), rebuilt from the database if
-        it left memory; sessions used least recently leave if the budget needs room."""
-        check_name("session_id", session_id)
-        check_name("namespace", namespace)
-        ident = (namespace, session_id)
-        session = self._sessions.use(ident)
-        if session is not None:
-            self._hits += 1
-            return session
-        key = await self._store.session_key(namespace, session_id)
-        if key is None:
-            if not create:
-                raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
-            key = await self._store.create_session(namespace, session_id)
-        else:
-            self._misses += 1
-        state = await self._store.load_state(key)
-        session = Session(key, session_id, namespace, state, await self._store.summary(key))
-        rows = await self._store.messages_by_rowid(state.pinned or [])
-        rows += await self._store.messages_between(key, state.cleared_through)
-        embedded = self._config.generate_cache_embeddings
-        session.cache.add(await self._intake.entries(rows, embedded))
-        for entry in session.cache.entries:
-            access, engagement = (state.entry_stats or {}).get(str(entry.rowid), (0, 0.0))
-            entry.access_count, entry.engagement = int(access), float(engagement)
-        session.last_activity = self._clock()
-        await self._hold_budget(sessions=1, kv_bytes=session.cache.kv_bytes)
-        self._sessions.add(session)
-        self._note_peak()
+    def _loaded(self, session: Session) -> None:
         if self._config.summary_mode == "background":
             self._schedule_summary(session)  # a clear whose summary did not land before
-        return session
-
-    async def _hold_budget(self, sessions: int = 0, kv_bytes: int = 0) -> None:
-        """Make room for `sessions` more sessions and `kv_bytes` more under the manager's
-        budget: sessions used least recently leave memory, each flushed first. Sessions in
-        use stay, so a budget smaller than those can be exceeded for a while."""
-
-        def excess() -> budgets.Excess | None:
-            return budgets.manager_excess(
-                self._config, len(self._sessions) + sessions, self._sessions.kv_bytes + kv_bytes
-            )
-
-        over = excess()
-        if over is None:
-            return
-        self._emit(BudgetExceededEvent(over.scope, over.value, over.limit))
-        for victim in self._sessions:  # least recently used first
-            if self._sessions.busy(victim.ident):
-                continue
-            try:
-                await self._evict(victim, over.eviction_reason)
-            except TierMemError as exc:  # it stays in memory; the turn goes on
-                log.warning("could not flush session %r to evict it: %s", victim.session_id, exc)
-            over = excess()
-            if over is None:
-                return
-
-    async def _evict(self, session: Session, reason: str) -> bool:
-        """Flush the session's state, then drop it from memory; False if it had already
-        left. Its next call rebuilds the same active cache, counters and summary."""
-        ident = session.ident
-        async with self._sessions.hold(ident):
-            if self._sessions.get(ident) is not session:
-                return False
-            await self._store.save_state(session.key, self._state_of(session))
-            self._sessions.remove(ident)
-        self._evictions[reason] = self._evictions.get(reason, 0) + 1
-        self._emit(
-            EvictionEvent(
-                session.session_id,
-                session.namespace,
-                reason,
-                session.cache.kv_bytes,
-                len(session.cache.entries),
-            )
-        )
-        return True
 
     def _emit(self, event: TelemetryEvent) -> None:
         self._telemetry.emit(event)
-
-    def _state_of(self, session: Session) -> StateRow:
-        """The persistent state, with the current entry statistics."""
-        state = session.state
-        state.entry_stats = {
-            str(e.rowid): [e.access_count, round(e.engagement, 4)]
-            for e in session.cache.entries
-            if e.access_count or e.engagement > 1e-3
-        }
-        return state
 
     # -- the turn --------------------------------------------------------------------------
 
@@ -423,8 +326,8 @@ class KVCacheManager:
         """
         self._check_open()
         checked = validate(messages, self._config.max_message_bytes)
-        async with self._use((namespace, session_id)):
-            session = await self._session(session_id, namespace, create=True)
+        async with self._memory.use((namespace, session_id)):
+            session = await self._memory.get(session_id, namespace, create=True)
             fresh = await self._intake.new_messages(session, checked)
             state = session.state
             turns_before = state.conversation_count
@@ -432,10 +335,10 @@ class KVCacheManager:
             embed = self._config.generate_cache_embeddings
             entries = await self._intake.store(session, fresh, state, embed)
             session.last_activity = self._clock()
-            await self._hold_budget(kv_bytes=sum(e.kv_bytes for e in entries))
+            await self._memory.hold_budget(kv_bytes=sum(e.kv_bytes for e in entries))
             self._scorer.decay(session.cache.entries)
             session.cache.add(entries)
-            self._note_peak()
+            self._memory.note_peak()
 
             slid_out: list[str] = []
             if self._config.context_overflow == "sliding_window":
@@ -494,8 +397,8 @@ class KVCacheManager:
         checked = validate(messages, self._config.max_message_bytes)
         if batch_size < 1:
             raise InvalidInputError("batch_size must be at least 1")
-        async with self._use((namespace, session_id)):
-            session = await self._session(session_id, namespace, create=True)
+        async with self._memory.use((namespace, session_id)):
+            session = await self._memory.get(session_id, namespace, create=True)
             fresh = await self._intake.new_messages(session, checked)
             for start in range(0, len(fresh), batch_size):
                 state = session.state
@@ -553,7 +456,7 @@ class KVCacheManager:
         state.cleared_through = max([state.cleared_through, *(e.position for e in dropped)])
         state.pinned = [e.rowid for e in keep if e.position <= state.cleared_through]
         session.cache.replace(keep)
-        await self._store.save_state(session.key, self._state_of(session))
+        await self._memory.flush(session)
         return [e.message_id for e in dropped]
 
     def _retrieval_query(self, fresh: Sequence[Message]) -> str | None:
@@ -605,7 +508,7 @@ class KVCacheManager:
         session.cache.replace(keep)
         vectors = {e.rowid: e.vector for e in keep if e.vector is not None}
         snapshot_id = await self._store.save_clear(
-            session.key, self._state_of(session), snapshot, vectors
+            session.key, session.persistent_state(), snapshot, vectors
         )
         pending = c.summary_mode == "background" and self._schedule_summary(session)
 
@@ -714,8 +617,8 @@ class KVCacheManager:
             why = ClearReason(reason)
         except ValueError as exc:
             raise InvalidInputError(f"unknown clear reason {reason!r}") from exc
-        async with self._use((namespace, session_id)):
-            session = await self._session(session_id, namespace, create=False)
+        async with self._memory.use((namespace, session_id)):
+            session = await self._memory.get(session_id, namespace, create=False)
             return await self._clear(session, why)
 
     async def manual_clear_cache(
@@ -745,8 +648,8 @@ class KVCacheManager:
         wanted = self._config.retrieval_limit if limit is None else limit
         if wanted < 1:
             raise InvalidInputError("limit must be at least 1")
-        async with self._use((namespace, session_id)):
-            session = await self._session(session_id, namespace, create=False)
+        async with self._memory.use((namespace, session_id)):
+            session = await self._memory.get(session_id, namespace, create=False)
             return await self._retrieve(session, query, wanted, set())
 
     async def _retrieve(
@@ -821,8 +724,8 @@ class KVCacheManager:
     ) -> RestoreResult:
         """Bring a snapshot's entries back into the session's active cache."""
         self._check_open()
-        async with self._use((namespace, session_id)):
-            session = await self._session(session_id, namespace, create=False)
+        async with self._memory.use((namespace, session_id)):
+            session = await self._memory.get(session_id, namespace, create=False)
             rows = await self._store.snapshot_entries(session.key, snapshot_id)
             if rows is None:
                 raise NotFoundError(f"session {session_id!r} has no snapshot {snapshot_id}")
@@ -834,7 +737,7 @@ class KVCacheManager:
             pinned = set(session.state.pinned or [])
             pinned.update(r.rowid for r in messages if r.position <= session.state.cleared_through)
             session.state.pinned = sorted(pinned)
-            await self._store.save_state(session.key, self._state_of(session))
+            await self._memory.flush(session)
             minutes = max(0, int((self._clock() - float(info[4])) // 60))
             self._stats.record_restore(snapshot_id, len(messages), session.session_id)
             return RestoreResult(
@@ -859,8 +762,8 @@ class KVCacheManager:
     ) -> SessionCacheState | None:
         self._check_open()
         try:
-            async with self._use((namespace, session_id)):
-                return self._public_state(await self._session(session_id, namespace, False))
+            async with self._memory.use((namespace, session_id)):
+                return self._public_state(await self._memory.get(session_id, namespace, False))
         except NotFoundError:
             return None
 
@@ -892,8 +795,8 @@ class KVCacheManager:
     async def context_usage(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Tokens in the session's active cache."""
         self._check_open()
-        async with self._use((namespace, session_id)):
-            session = await self._session(session_id, namespace, create=False)
+        async with self._memory.use((namespace, session_id)):
+            session = await self._memory.get(session_id, namespace, create=False)
             return session.cache.token_count
 
     async def get_active_cache(
@@ -901,8 +804,8 @@ class KVCacheManager:
     ) -> list[ActiveEntry]:
         """The session's active cache in order: what the host's model currently sees."""
         self._check_open()
-        async with self._use((namespace, session_id)):
-            session = await self._session(session_id, namespace, create=False)
+        async with self._memory.use((namespace, session_id)):
+            session = await self._memory.get(session_id, namespace, create=False)
             return [
                 ActiveEntry(
                     e.message_id,
@@ -931,17 +834,17 @@ class KVCacheManager:
     ) -> None:
         """Persist the session's in-memory state (counters, cache statistics) now."""
         self._check_open()
-        async with self._use((namespace, session_id)):
+        async with self._memory.use((namespace, session_id)):
             session = self._sessions.get((namespace, session_id))
             if session is None:
                 await self._known_key(session_id, namespace)
                 return
-            await self._store.save_state(session.key, self._state_of(session))
+            await self._memory.flush(session)
 
     async def delete_session(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
         """Remove a session and all derived from it; False if it did not exist."""
         self._check_open()
-        async with self._use((namespace, session_id)):
+        async with self._memory.use((namespace, session_id)):
             self._sessions.remove((namespace, session_id))
             try:
                 key = await self._known_key(session_id, namespace)
@@ -956,16 +859,7 @@ class KVCacheManager:
         """Flush and drop sessions idle past `idle_eviction_seconds`; prune old snapshots."""
         self._check_open()
         started = time.perf_counter()
-        errors: list[str] = []
-        evicted = 0
-        cutoff = self._clock() - self._config.idle_eviction_seconds
-        for session in self._sessions:
-            if session.last_activity > cutoff or self._sessions.busy(session.ident):
-                continue
-            try:
-                evicted += await self._evict(session, budgets.IDLE)
-            except TierMemError as exc:
-                errors.append(f"session {session.session_id!r}: {exc}")
+        evicted, errors = await self._memory.evict_idle()
         pruned = 0
         strategy = self._config.snapshot_strategy
         if isinstance(strategy, (IncrementalSnapshots, AdaptiveSnapshots)):
@@ -991,12 +885,6 @@ class KVCacheManager:
     def reset_statistics(self) -> None:
         self._stats = CacheStatistics()
 
-    def _note_peak(self) -> None:
-        self._peak_bytes = max(self._peak_bytes, self._estimated_bytes())
-
-    def _estimated_bytes(self) -> int:
-        return self._sessions.kv_bytes
-
     async def status(self) -> ManagerStatus:
         """Memory, budget and eviction figures, and the models' state."""
         self._check_open()
@@ -1012,15 +900,16 @@ class KVCacheManager:
             "summarizer": type(self._summarizer).__name__ if self._summarizer else None,
             "summaries_pending": self._summaries.pending if self._summaries else 0,
         }
+        memory = self._memory
         return ManagerStatus(
-            estimated_bytes=self._estimated_bytes(),
+            estimated_bytes=self._sessions.kv_bytes,
             budget_bytes=self._config.max_bytes_total,
-            peak_bytes=max(self._peak_bytes, self._estimated_bytes()),
+            peak_bytes=max(memory.peak_bytes, self._sessions.kv_bytes),
             session_count=len(self._sessions),
             total_entries=self._sessions.entries,
-            evictions_by_reason=dict(self._evictions),
-            hits=self._hits,
-            misses=self._misses,
+            evictions_by_reason=dict(memory.evictions),
+            hits=memory.hits,
+            misses=memory.misses,
             rss_bytes=psutil.Process().memory_info().rss,
             models=models,
         )

@@ -7,15 +7,23 @@ its state is flushed; the next call that names it rebuilds it from the database.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
 
+from . import budgets
 from .cache import ActiveCache
-from .store import StateRow, SummaryRow
+from .config import KVCacheConfig
+from .errors import NotFoundError, TierMemError
+from .intake import Intake, check_name
+from .store import SQLiteStore, StateRow, SummaryRow
+from .telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
+
+log = logging.getLogger("tiermem")
 
 Ident = tuple[str, str]  # (namespace, session id)
 
@@ -33,6 +41,15 @@ class Session:
     @property
     def ident(self) -> Ident:
         return (self.namespace, self.session_id)
+
+    def persistent_state(self) -> StateRow:
+        """The state to save, with the active entries' current statistics."""
+        self.state.entry_stats = {
+            str(e.rowid): [e.access_count, round(e.engagement, 4)]
+            for e in self.cache.entries
+            if e.access_count or e.engagement > 1e-3
+        }
+        return self.state
 
 
 @dataclass(slots=True, eq=False)
@@ -103,3 +120,137 @@ class Sessions:
             entry.users -= 1
             if not entry.users:
                 del self._locks[ident]
+
+
+class SessionMemory:
+    """Which sessions are in memory: rebuilt from the database when named, flushed and
+    sent out when the budget needs room or they sit idle, with the figures `status` shows.
+    """
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        intake: Intake,
+        config: Callable[[], KVCacheConfig],
+        telemetry: Telemetry,
+        clock: Callable[[], float],
+        on_load: Callable[[Session], None],
+    ) -> None:
+        self.sessions = Sessions()
+        self._store = store
+        self._intake = intake
+        self._config = config
+        self._telemetry = telemetry
+        self._clock = clock
+        self._on_load = on_load
+        self.peak_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def use(self, ident: Ident) -> AsyncIterator[None]:
+        """Hold a session's lock for one call; then, if sessions in use kept the manager
+        over its budget, let the least recently used leave now that they can."""
+        async with self.sessions.hold(ident):
+            yield
+        await self.hold_budget()
+
+    async def get(self, session_id: str, namespace: str, create: bool) -> Session:
+        """The session in memory (the caller holds its lock), rebuilt from the database if
+        it left memory; sessions used least recently leave if the budget needs room."""
+        check_name("session_id", session_id)
+        check_name("namespace", namespace)
+        ident = (namespace, session_id)
+        session = self.sessions.use(ident)
+        if session is not None:
+            self.hits += 1
+            return session
+        key = await self._store.session_key(namespace, session_id)
+        if key is None:
+            if not create:
+                raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
+            key = await self._store.create_session(namespace, session_id)
+        else:
+            self.misses += 1
+        state = await self._store.load_state(key)
+        session = Session(key, session_id, namespace, state, await self._store.summary(key))
+        rows = await self._store.messages_by_rowid(state.pinned or [])
+        rows += await self._store.messages_between(key, state.cleared_through)
+        embedded = self._config().generate_cache_embeddings
+        session.cache.add(await self._intake.entries(rows, embedded))
+        for entry in session.cache.entries:
+            access, engagement = (state.entry_stats or {}).get(str(entry.rowid), (0, 0.0))
+            entry.access_count, entry.engagement = int(access), float(engagement)
+        session.last_activity = self._clock()
+        await self.hold_budget(sessions=1, kv_bytes=session.cache.kv_bytes)
+        self.sessions.add(session)
+        self.note_peak()
+        self._on_load(session)
+        return session
+
+    async def hold_budget(self, sessions: int = 0, kv_bytes: int = 0) -> None:
+        """Make room for `sessions` more sessions and `kv_bytes` more under the manager's
+        budget: sessions used least recently leave memory, each flushed first. Sessions in
+        use stay, so a budget smaller than those can be exceeded for a while."""
+
+        def excess() -> budgets.Excess | None:
+            return budgets.manager_excess(
+                self._config(), len(self.sessions) + sessions, self.sessions.kv_bytes + kv_bytes
+            )
+
+        over = excess()
+        if over is None:
+            return
+        self._telemetry.emit(BudgetExceededEvent(over.scope, over.value, over.limit))
+        for victim in self.sessions:  # least recently used first
+            if self.sessions.busy(victim.ident):
+                continue
+            try:
+                await self.evict(victim, over.eviction_reason)
+            except TierMemError as exc:  # it stays in memory; the call goes on
+                log.warning("could not flush session %r to evict it: %s", victim.session_id, exc)
+            over = excess()
+            if over is None:
+                return
+
+    async def evict_idle(self) -> tuple[int, list[str]]:
+        """Send out the sessions idle past `idle_eviction_seconds` (not those in use);
+        how many left, and the errors of those that could not be flushed."""
+        cutoff = self._clock() - self._config().idle_eviction_seconds
+        evicted, errors = 0, []
+        for session in self.sessions:
+            if session.last_activity > cutoff or self.sessions.busy(session.ident):
+                continue
+            try:
+                evicted += await self.evict(session, budgets.IDLE)
+            except TierMemError as exc:
+                errors.append(f"session {session.session_id!r}: {exc}")
+        return evicted, errors
+
+    async def evict(self, session: Session, reason: str) -> bool:
+        """Flush the session's state, then drop it from memory; False if it had already
+        left. Its next call rebuilds the same active cache, counters and summary."""
+        ident = session.ident
+        async with self.sessions.hold(ident):
+            if self.sessions.get(ident) is not session:
+                return False
+            await self.flush(session)
+            self.sessions.remove(ident)
+        self.evictions[reason] = self.evictions.get(reason, 0) + 1
+        self._telemetry.emit(
+            EvictionEvent(
+                session.session_id,
+                session.namespace,
+                reason,
+                session.cache.kv_bytes,
+                len(session.cache.entries),
+            )
+        )
+        return True
+
+    async def flush(self, session: Session) -> None:
+        await self._store.save_state(session.key, session.persistent_state())
+
+    def note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.sessions.kv_bytes)
