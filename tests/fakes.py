@@ -33,6 +33,9 @@ class HashingEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         self.calls.append(list(texts))
+        return self.vectors(texts)
+
+    def vectors(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self._dimensions), dtype=np.float32)
         for i, t in enumerate(texts):
             for w in words(t):

@@ -51,7 +51,10 @@ def validate(messages: Sequence[Message | Mapping[str, Any]], max_bytes: int) ->
     out = []
     for m in messages:
         if isinstance(m, Mapping):
-            m = Message(**m)
+            try:
+                m = Message(**m)
+            except TypeError as exc:
+                raise InvalidInputError(f"not a message: {exc}") from exc
         if not isinstance(m, Message):
             raise InvalidInputError(f"expected a Message, got {type(m).__name__}")
         check_text("message content", m.content, max_bytes)

@@ -18,7 +18,7 @@ import anyio
 from . import budgets
 from .cache import ActiveCache
 from .config import KVCacheConfig
-from .errors import NotFoundError, TierMemError
+from .errors import InvalidInputError, NotFoundError, TierMemError
 from .intake import Intake, check_name
 from .store import SQLiteStore, StateRow, SummaryRow
 from .telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
@@ -151,9 +151,20 @@ class SessionMemory:
     @asynccontextmanager
     async def use(self, ident: Ident) -> AsyncIterator[None]:
         """Hold a session's lock for one call; then, if sessions in use kept the manager
-        over its budget, let the least recently used leave now that they can."""
+        over its budget, let the least recently used leave now that they can.
+
+        A call cut short (cancelled, or failed past its input checks) may leave the session
+        in memory out of step with the database, where every change is one transaction,
+        whole or absent: the session leaves memory unflushed, and the next call rebuilds
+        it from the database."""
         async with self.sessions.hold(ident):
-            yield
+            try:
+                yield
+            except (InvalidInputError, NotFoundError):
+                raise  # refused before anything changed
+            except BaseException:
+                self.sessions.remove(ident)
+                raise
         await self.hold_budget()
 
     async def get(self, session_id: str, namespace: str, create: bool) -> Session:

@@ -307,18 +307,26 @@ class SQLiteStore:
         async with self._write_lock:
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot start a write on {self.path}: {exc}") from exc
+            except BaseException as exc:
+                # cancelled while the BEGIN ran in the connection's thread: it may have
+                # begun; the rollback, queued behind it, ends it
+                await self._rollback()
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"cannot start a write on {self.path}: {exc}") from exc
+                raise
             try:
                 yield self._writer
                 with anyio.CancelScope(shield=True):
                     await self._writer.commit()
             except BaseException as exc:
-                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
-                    await self._writer.rollback()
+                await self._rollback()
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(f"write to {self.path} failed: {exc}") from exc
                 raise
+
+    async def _rollback(self) -> None:
+        with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
+            await self._writer.rollback()
 
     async def _read_all(
         self, sql: str, params: Sequence[Any] = (), conn: aiosqlite.Connection | None = None
