@@ -4,7 +4,8 @@ Run: .venv/bin/python benchmarks/eviction.py [--sessions 1000 --resident 100]
 
 Phase 1 gives every session `--rounds` turns, round-robin: with room for a tenth of them,
 almost every turn rebuilds its session from the database. Phase 2 is a skewed load: 80%
-of `--hot-turns` turns go to 50 hot sessions (resident), 20% to random others (rebuilt).
+of `--hot-turns` turns go to 50 hot sessions (resident; half of `--sessions` when that is
+fewer), 20% to random others (rebuilt).
 `max_bytes_total` is set to `--resident` times a session's KV bytes after phase 1, so the
 budget holds about that many sessions. Reports the modelled KV bytes (peak against the
 budget), the process RSS (which holds the embedding model too), evictions, turn latency of
@@ -25,6 +26,7 @@ from typing import Any
 
 import anyio
 import psutil
+from common import pct
 
 import tiermem
 
@@ -33,11 +35,6 @@ WORDS = [
     *("bridge", "market", "garden", "coffee", "concert", "gallery", "castle", "ferry"),
     *("island", "mountain", "lake", "forest", "village", "temple", "tower", "park"),
 ]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 def turn(rng: random.Random, session: int, i: int) -> list[tiermem.Message]:
@@ -92,12 +89,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 for sid in range(args.sessions):
                     await run_turn(mgr, sid)
             phase1_s = time.perf_counter() - t0
-            hot = list(range(50))
+            hot = min(50, args.sessions // 2)
             for _ in range(args.hot_turns):
                 if rng.random() < 0.8:
-                    await run_turn(mgr, rng.choice(hot))
+                    await run_turn(mgr, rng.randrange(hot))
                 else:
-                    await run_turn(mgr, rng.randrange(50, args.sessions))
+                    await run_turn(mgr, rng.randrange(hot, args.sessions))
             status = await mgr.status()
             intact = 0
             for name, contents in sent.items():

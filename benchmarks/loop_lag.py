@@ -17,15 +17,11 @@ import time
 from pathlib import Path
 
 import anyio
+from common import pct
 
 import tiermem
 
 TICK = 0.005
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def main(args: argparse.Namespace) -> None:

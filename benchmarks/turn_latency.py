@@ -15,13 +15,9 @@ import time
 from pathlib import Path
 
 import anyio
+from common import pct
 
 import tiermem
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def main(turns: int) -> None:

@@ -124,6 +124,8 @@ async def test_wrong_types_roles_ids_and_sessions_are_typed(
         await manager.retrieve_context("nobody", "hello")
     with pytest.raises(tiermem.NotFoundError):
         await manager.restore_from_snapshot("s", 12345)
+    with pytest.raises(tiermem.NotFoundError):
+        await manager.restore_from_snapshot("nobody", 1)
     assert await manager.get_session_state("nobody") is None
     assert [m.id for m in await manager.get_conversation_history("s")] == ["u0", "a0"]
 

@@ -359,35 +359,6 @@ async def test_namespaces_do_not_mix(manager: tiermem.KVCacheManager) -> None:
     assert (await manager.retrieve_context("s", "marmalade", namespace="a")).entries
 
 
-@pytest.mark.parametrize(
-    "query",
-    ['"unbalanced', "NEAR(a b", "a* OR -b ^c", "content:x", "'; DROP TABLE messages; --", ""],
-)
-async def test_queries_with_fts_syntax_are_plain_text(
-    manager: tiermem.KVCacheManager, query: str
-) -> None:
-    await manager.process_conversation("s", turn(0, "DROP TABLE messages is scary content"))
-    result = await manager.retrieve_context("s", query)
-    assert isinstance(result.entries, list)
-    assert len(await manager.get_conversation_history("s")) == 2
-
-
-async def test_bad_input_is_typed(manager: tiermem.KVCacheManager) -> None:
-    with pytest.raises(tiermem.InvalidInputError):
-        Message("wizard", "hi")
-    with pytest.raises(tiermem.InvalidInputError):
-        await manager.process_conversation("", [Message("user", "hi")])
-    with pytest.raises(tiermem.InvalidInputError):
-        await manager.process_conversation("s", [Message("user", "bad \ud800 text")])
-    with pytest.raises(tiermem.InvalidInputError):
-        await manager.process_conversation("s", "not a list")  # type: ignore[arg-type]
-    with pytest.raises(tiermem.NotFoundError):
-        await manager.retrieve_context("nobody", "hello")
-    with pytest.raises(tiermem.NotFoundError):
-        await manager.restore_from_snapshot("nobody", 1)
-    assert await manager.get_session_state("nobody") is None
-
-
 async def test_closed_manager_refuses(open_manager: Callable[..., Any]) -> None:
     mgr = await open_manager()
     await mgr.aclose()

@@ -13,6 +13,7 @@ import math
 import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +43,7 @@ from .errors import (
     NotFoundError,
     TierMemError,
 )
-from .intake import Intake, check_name, check_text, validate
+from .intake import Intake, check_text, validate
 from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from .pool import ModelPool
 from .retrieval import Retriever
@@ -62,7 +63,6 @@ from .telemetry import (
     SnapshotEvent,
     SummaryEvent,
     Telemetry,
-    TelemetryEvent,
 )
 from .types import (
     ActiveEntry,
@@ -134,7 +134,6 @@ class KVCacheManager:
         self._stoppers = list(stoppers)
         self._telemetry = Guarded(telemetry or LoggingTelemetry())
         self._intake = Intake(store, embedder, tokens, kv_shape.bytes_per_token, clock)
-        self._session_budget = SessionBudget.of(config)
         self._summaries = SummaryKeeper(store, summarizer, clock) if summarizer else None
         self._scorer = ImportanceScorer(config.scoring)
         self._retriever = self._make_retriever()
@@ -272,7 +271,6 @@ class KVCacheManager:
                 raise ConfigError(f"{name} cannot change while the manager is open")
         self._config = new
         self._scorer = ImportanceScorer(new.scoring)
-        self._session_budget = SessionBudget.of(new)
         self._retriever = self._make_retriever()
         return new
 
@@ -306,9 +304,6 @@ class KVCacheManager:
     def _loaded(self, session: Session) -> None:
         if self._config.summary_mode == "background":
             self._schedule_summary(session)  # a clear whose summary did not land before
-
-    def _emit(self, event: TelemetryEvent) -> None:
-        self._telemetry.emit(event)
 
     # -- the turn --------------------------------------------------------------------------
 
@@ -424,10 +419,10 @@ class KVCacheManager:
         window = self._context_tokens
         if window is not None and session.cache.token_count > window:
             return ClearReason.CONTEXT_OVERFLOW
-        over = self._session_budget.excess(session.cache)
+        over = SessionBudget.of(c).excess(session.cache)
         if over is None:
             return None
-        self._emit(
+        self._telemetry.emit(
             BudgetExceededEvent(
                 over.scope, over.value, over.limit, session.session_id, session.namespace
             )
@@ -440,7 +435,7 @@ class KVCacheManager:
         """Drop the oldest entries (system prompts last) until the active cache fits the
         context window, and the session's budget if `budget`; they stay in the history.
         Returns their message ids."""
-        limits = self._session_budget
+        limits = SessionBudget.of(self._config)
         dropped = budgets.shed(
             session.cache.entries,
             max_tokens=self._context_tokens,
@@ -523,10 +518,10 @@ class KVCacheManager:
         self._stats.record_clear(len(entries), len(keep), reason.value, session.session_id)
         sid, ns = session.session_id, session.namespace
         freed = bytes_before - session.cache.kv_bytes
-        self._emit(ClearEvent(sid, ns, reason.value, cleared, len(keep), freed))
+        self._telemetry.emit(ClearEvent(sid, ns, reason.value, cleared, len(keep), freed))
         if snapshot_id is not None and snapshot is not None:
             self._stats.record_snapshot(snapshot_id, len(snapshot[2]), sid)
-            self._emit(SnapshotEvent(sid, ns, snapshot_id, len(snapshot[2])))
+            self._telemetry.emit(SnapshotEvent(sid, ns, snapshot_id, len(snapshot[2])))
         return CacheClearResult(
             entries_to_keep=[
                 PreservedEntry(e.message_id, e.role, e.content, e.importance, e.entry_type)
@@ -581,7 +576,7 @@ class KVCacheManager:
         new = outcome.summary
         if new is None and outcome.error is None:
             return  # nothing was due
-        self._emit(
+        self._telemetry.emit(
             SummaryEvent(
                 session.session_id,
                 session.namespace,
@@ -679,23 +674,20 @@ class KVCacheManager:
             len(hits), outcome.tiers_searched, len(outcome.keywords), session.session_id
         )
         duration_ms = (time.perf_counter() - started) * 1000
-        by_tier: dict[int, int] = {}
-        for h in hits:
-            by_tier[h.source_tier] = by_tier.get(h.source_tier, 0) + 1
-        self._emit(
+        by_tier = Counter(h.source_tier for h in hits)
+        self._telemetry.emit(
             RetrievalEvent(
                 session.session_id,
                 session.namespace,
                 tuple(outcome.tiers_searched),
                 len(hits),
-                by_tier,
+                dict(by_tier),
                 duration_ms,
             )
         )
         message = None
         if hits:
-            tiers = [h.source_tier for h in hits]
-            primary = max(sorted(set(tiers)), key=tiers.count)
+            primary = max(sorted(by_tier), key=by_tier.__getitem__)
             average = sum(h.similarity_score for h in hits) / len(hits)
             message = bridge.retrieval_bridge(len(hits), primary, outcome.keywords, average)
         return RetrievalResult(
@@ -713,7 +705,7 @@ class KVCacheManager:
     ) -> list[SnapshotInfo]:
         """The session's snapshots, newest first."""
         self._check_open()
-        key = await self._known_key(session_id, namespace)
+        key = await self._memory.key(session_id, namespace)
         return [
             SnapshotInfo(int(r[0]), r[1], int(r[2]), int(r[3]), datetime.fromtimestamp(r[4], UTC))
             for r in await self._store.snapshots(key)
@@ -746,17 +738,6 @@ class KVCacheManager:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def _known_key(self, session_id: str, namespace: str) -> int:
-        session = self._sessions.get((namespace, session_id))
-        if session is not None:
-            return session.key
-        check_name("session_id", session_id)
-        check_name("namespace", namespace)
-        key = await self._store.session_key(namespace, session_id)
-        if key is None:
-            raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
-        return key
-
     async def get_session_state(
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> SessionCacheState | None:
@@ -771,7 +752,7 @@ class KVCacheManager:
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> SessionSummary | None:
         self._check_open()
-        row = await self._store.summary(await self._known_key(session_id, namespace))
+        row = await self._store.summary(await self._memory.key(session_id, namespace))
         return _public_summary(row) if row else None
 
     async def get_conversation_history(
@@ -779,7 +760,7 @@ class KVCacheManager:
     ) -> list[StoredMessage]:
         """Every stored message of the session, in order."""
         self._check_open()
-        rows = await self._store.messages_between(await self._known_key(session_id, namespace), -1)
+        rows = await self._store.messages_between(await self._memory.key(session_id, namespace), -1)
         return [
             StoredMessage(
                 r.message_id,
@@ -837,7 +818,7 @@ class KVCacheManager:
         async with self._memory.use((namespace, session_id)):
             session = self._sessions.get((namespace, session_id))
             if session is None:
-                await self._known_key(session_id, namespace)
+                await self._memory.key(session_id, namespace)
                 return
             await self._memory.flush(session)
 
@@ -847,7 +828,7 @@ class KVCacheManager:
         async with self._memory.use((namespace, session_id)):
             self._sessions.remove((namespace, session_id))
             try:
-                key = await self._known_key(session_id, namespace)
+                key = await self._memory.key(session_id, namespace)
             except NotFoundError:
                 return False
             await self._store.delete_session(key)
@@ -868,7 +849,7 @@ class KVCacheManager:
             except TierMemError as exc:
                 errors.append(f"pruning snapshots: {exc}")
         duration_ms = (time.perf_counter() - started) * 1000
-        self._emit(MaintenanceEvent(evicted, pruned, len(errors), duration_ms))
+        self._telemetry.emit(MaintenanceEvent(evicted, pruned, len(errors), duration_ms))
         return MaintenanceResult(evicted, pruned, errors, duration_ms)
 
     async def run_maintenance(self, interval_seconds: float = 300.0) -> None:
@@ -918,7 +899,9 @@ class KVCacheManager:
         """What the database holds: sessions, messages, snapshots and summaries, and the
         bytes of its files (the WAL included)."""
         self._check_open()
-        counts = await self._store.counts()
+        counts = await self._store.counts(
+            ("sessions", "messages", "kv_snapshots", "session_summaries")
+        )
         file_bytes = 0
         for suffix in ("", "-wal"):
             file = anyio.Path(self._store.path + suffix)

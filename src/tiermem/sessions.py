@@ -170,17 +170,13 @@ class SessionMemory:
     async def get(self, session_id: str, namespace: str, create: bool) -> Session:
         """The session in memory (the caller holds its lock), rebuilt from the database if
         it left memory; sessions used least recently leave if the budget needs room."""
-        check_name("session_id", session_id)
-        check_name("namespace", namespace)
         ident = (namespace, session_id)
         session = self.sessions.use(ident)
         if session is not None:
             self.hits += 1
             return session
-        key = await self._store.session_key(namespace, session_id)
+        key = await self._stored_key(session_id, namespace, missing_ok=create)
         if key is None:
-            if not create:
-                raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
             key = await self._store.create_session(namespace, session_id)
         else:
             self.misses += 1
@@ -200,14 +196,35 @@ class SessionMemory:
         self._on_load(session)
         return session
 
+    async def key(self, session_id: str, namespace: str) -> int:
+        """The session's database key, whether or not it is in memory."""
+        session = self.sessions.get((namespace, session_id))
+        if session is not None:
+            return session.key
+        key = await self._stored_key(session_id, namespace, missing_ok=False)
+        assert key is not None
+        return key
+
+    async def _stored_key(self, session_id: str, namespace: str, missing_ok: bool) -> int | None:
+        check_name("session_id", session_id)
+        check_name("namespace", namespace)
+        key = await self._store.session_key(namespace, session_id)
+        if key is None and not missing_ok:
+            raise NotFoundError(f"unknown session {session_id!r} in namespace {namespace!r}")
+        return key
+
     async def hold_budget(self, sessions: int = 0, kv_bytes: int = 0) -> None:
         """Make room for `sessions` more sessions and `kv_bytes` more under the manager's
         budget: sessions used least recently leave memory, each flushed first. Sessions in
         use stay, so a budget smaller than those can be exceeded for a while."""
 
+        config = self._config()
+        if config.max_sessions is None and config.max_bytes_total is None:
+            return  # no manager-wide budget: nothing to sum on every call
+
         def excess() -> budgets.Excess | None:
             return budgets.manager_excess(
-                self._config(), len(self.sessions) + sessions, self.sessions.kv_bytes + kv_bytes
+                config, len(self.sessions) + sessions, self.sessions.kv_bytes + kv_bytes
             )
 
         over = excess()

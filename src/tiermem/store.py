@@ -193,6 +193,20 @@ async def _index_embeddings(db: aiosqlite.Connection) -> None:
         after = rows[-1][0]
 
 
+COUNTED_TABLES = (
+    "sessions",
+    "messages",
+    "messages_fts",
+    "message_embeddings",
+    "message_index",
+    "kv_snapshots",
+    "kv_snapshot_entries",
+    "snapshot_entry_vectors",
+    "session_summaries",
+    "session_state",
+)
+
+
 class SQLiteStore:
     """The tiermem database. Every method is a coroutine; none blocks the event loop."""
 
@@ -790,21 +804,12 @@ class SQLiteStore:
 
     # -- introspection (tests, status) -----------------------------------------------------
 
-    async def counts(self) -> dict[str, int]:
-        """Row counts of the main tables, vector tables included."""
+    async def counts(self, tables: Sequence[str] = COUNTED_TABLES) -> dict[str, int]:
+        """Row counts of `tables` (default: the main ones, vector tables included)."""
         out = {}
-        for table in (
-            "sessions",
-            "messages",
-            "messages_fts",
-            "message_embeddings",
-            "message_index",
-            "kv_snapshots",
-            "kv_snapshot_entries",
-            "snapshot_entry_vectors",
-            "session_summaries",
-            "session_state",
-        ):
+        for table in tables:
+            if table not in COUNTED_TABLES:
+                raise ValueError(f"not a tiermem table: {table!r}")
             row = await self._read_one(f"SELECT COUNT(*) FROM {table}")
             out[table] = int(row[0]) if row else 0
         return out
