@@ -201,6 +201,18 @@ async def test_a_text_is_embedded_once_per_database(open_manager: Callable[..., 
     assert sorted(embedded) == ["greeting", "the same greeting", "the same reply"]
 
 
+async def test_a_turns_question_is_embedded_once_to_store_and_search(
+    open_manager: Callable[..., Any],
+) -> None:
+    embedder = HashingEmbedder()
+    async with await open_manager(embedder=embedder) as mgr:
+        await mgr.process_conversation("a", [Message("user", "Ana's dog is called Pico.")])
+        result = await mgr.process_conversation("a", [Message("user", "what is the dog called?")])
+    assert result.retrieval_result is not None
+    assert result.retrieval_result.entries[0].text == "Ana's dog is called Pico."
+    assert embedder.calls == [["Ana's dog is called Pico."], ["what is the dog called?"]]
+
+
 async def test_another_embedding_model_is_refused(open_manager: Callable[..., Any]) -> None:
     async with await open_manager(embedder=HashingEmbedder(name="model-a")):
         pass

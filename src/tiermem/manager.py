@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import numpy as np
 import psutil
 
 from . import bridge, budgets, text
@@ -357,8 +358,10 @@ class KVCacheManager:
             retrieval = None
             query = self._retrieval_query([m for m, _ in fresh])
             if query is not None:
+                # the question was embedded a moment ago to be stored: not again to search
+                vector = next((e.vector for e in entries if e.content == query), None)
                 retrieval = await self._retrieve(
-                    session, query, self._config.retrieval_limit, {e.rowid for e in entries}
+                    session, query, self._config.retrieval_limit, {e.rowid for e in entries}, vector
                 )
                 if retrieval.entries and retrieval.bridge_message:
                     bridges.append(retrieval.bridge_message)
@@ -648,11 +651,16 @@ class KVCacheManager:
             return await self._retrieve(session, query, wanted, set())
 
     async def _retrieve(
-        self, session: Session, query: str, limit: int, exclude: set[int]
+        self,
+        session: Session,
+        query: str,
+        limit: int,
+        exclude: set[int],
+        query_vector: np.ndarray[Any, Any] | None = None,
     ) -> RetrievalResult:
         started = time.perf_counter()
         outcome = await self._retriever.search(
-            session.key, session.cache.entries, query, limit, exclude
+            session.key, session.cache.entries, query, limit, exclude, query_vector
         )
         hits = [
             RetrievedEntry(

@@ -116,7 +116,10 @@ class Retriever:
         query: str,
         limit: int,
         exclude: Collection[int] = (),
+        query_vector: np.ndarray[Any, Any] | None = None,
     ) -> SearchOutcome:
+        """The best `limit` hits for `query`; `query_vector`, when given, is the query's
+        embedding already at hand (a turn's message was just embedded to be stored)."""
         hybrid = self._config.retrieval_mode != "escalating"
         cues = query_cues.QueryCues(topic=query)
         if hybrid and self._config.retrieval_query_cues:
@@ -130,7 +133,9 @@ class Retriever:
             # the vector pass (a model thread, then the vector connection) runs beside the
             # text reads (the reader connection)
             if self._embedder is not None and query.strip():
-                tg.start_soon(self._vector_pass, key, active, query, embedded, nearest)
+                tg.start_soon(
+                    self._vector_pass, key, active, query, query_vector, embedded, nearest
+                )
             active_ids = {e.rowid for e in active}
             snapshot_ids = set(await self._store.snapshot_message_rowids(key))
             pool = await self._store.lexical_search(terms, key, LEXICAL_POOL)
@@ -178,13 +183,15 @@ class Retriever:
         key: int,
         active: Sequence[CacheEntry],
         query: str,
+        vector: np.ndarray[Any, Any] | None,
         embedded: list[np.ndarray[Any, Any]],
         nearest: dict[int, list[tuple[int, float]]],
     ) -> None:
-        """Embed the query, then each tier's nearest messages: the active cache in memory,
-        the snapshots and the whole history by KNN."""
+        """Embed the query (unless its vector is given), then each tier's nearest messages:
+        the active cache in memory, the snapshots and the whole history by KNN."""
         assert self._embedder is not None
-        vector = (await self._embedder.embed([query[:EMBED_MAX_CHARS]]))[0]
+        if vector is None:
+            vector = (await self._embedder.embed([query[:EMBED_MAX_CHARS]]))[0]
         embedded.append(vector)
         k = self._config.retrieval_candidates
         nearest[1] = _nearest_in_memory(active, vector, k)
