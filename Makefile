@@ -21,4 +21,4 @@ lint: $(READY)
 	$(VENV)/bin/mypy
 
 bench: $(READY)
-	$(VENV)/bin/python benchmarks/turn_latency.py
+	$(VENV)/bin/python benchmarks/suite.py

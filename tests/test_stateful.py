@@ -237,7 +237,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     async def check(self) -> None:
         mgr = self.mgr
-        stored = {(ns, sid): count for ns, sid, count, _ in await mgr.list_sessions()}
+        stored = {(s.namespace, s.session_id): s.message_count for s in await mgr.list_sessions()}
         assert stored == {k: len(r.history) for k, r in self.refs.items()}
         for (ns, sid), ref in self.refs.items():
             history = await mgr.get_conversation_history(sid, namespace=ns)

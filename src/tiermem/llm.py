@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import threading
 import time
 from pathlib import Path
@@ -64,7 +65,10 @@ def load_llama(path: Path, **kwargs: Any) -> Any:
     constructor points file descriptors 1 and 2 at /dev/null while it loads: whatever the
     host's other threads print meanwhile (a background summary loads the model beside live
     turns) would be lost. llama.cpp's own messages are filtered by llama-cpp-python's
-    logger instead (errors only when not verbose), so the redirection is skipped.
+    logger instead (errors only when not verbose), so the redirection is skipped. That
+    logger's level table is one off against current llama.cpp (its warnings arrive as
+    errors: "n_ctx_seq (512) > n_ctx_train (0)" for every vocabulary-only load), so it is
+    set above every level: failures still raise, as `ModelError`.
     """
     import llama_cpp
     import llama_cpp._internals as internals
@@ -84,15 +88,21 @@ def load_llama(path: Path, **kwargs: Any) -> Any:
         def keep_output(disable: bool = False) -> contextlib.nullcontext[None]:
             return contextlib.nullcontext()
 
+        def quiet(verbose: bool) -> None:
+            logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
+
         low.llama_model_default_params = params
         for module in modules:
             setattr(module, _REDIRECTOR, keep_output)
+        verbosity = high.set_verbose  # type: ignore[attr-defined]
+        high.set_verbose = quiet  # type: ignore[attr-defined]
         try:
             return llama_cpp.Llama(str(path), verbose=False, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"cannot load GGUF model {path}: {exc}") from exc
         finally:
             low.llama_model_default_params = original
+            high.set_verbose = verbosity  # type: ignore[attr-defined]
             for module, redirect in zip(modules, redirects, strict=True):
                 setattr(module, _REDIRECTOR, redirect)
 
@@ -156,13 +166,16 @@ class LlamaChat:
         n_threads: int | None,
         pool: ModelPool,
         bytes_per_token: int = 0,
+        name: str | None = None,
     ) -> None:
+        """`name` tells apart two instances of one file in a pool (a chat beside the
+        summarizer)."""
         self.path = path
         self.n_ctx = n_ctx
         self._n_threads = n_threads
         self._limiter = anyio.CapacityLimiter(1)
         self.pool = pool
-        self.slot = f"llm:{path.name}"
+        self.slot = f"llm:{name or path.name}"
         size = path.stat().st_size + n_ctx * bytes_per_token
         pool.register(self.slot, self._load, size, lambda loaded: loaded[0].close())
         self._stop = threading.Event()

@@ -66,6 +66,7 @@ from .telemetry import (
     Telemetry,
 )
 from .types import (
+    DEFAULT_NAMESPACE,
     ActiveEntry,
     CacheClearResult,
     CacheProcessingResult,
@@ -79,6 +80,7 @@ from .types import (
     RetrievalResult,
     RetrievedEntry,
     SessionCacheState,
+    SessionInfo,
     SessionSummary,
     SnapshotInfo,
     StoredMessage,
@@ -86,7 +88,6 @@ from .types import (
 
 log = logging.getLogger("tiermem")
 
-DEFAULT_NAMESPACE = "default"
 # Used only when neither a GGUF nor `kv_shape` says otherwise: a typical 8B model
 # (32 layers, 8 KV heads of 128, f16), so byte figures stay realistic.
 FALLBACK_KV_SHAPE = KVShape(n_layers=32, n_kv_heads=8, head_dim=128, dtype_bytes=2)
@@ -385,11 +386,13 @@ class KVCacheManager:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         batch_size: int = INGEST_BATCH,
+        progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Bulk-import existing history into tier 3, in batches; returns how many were new.
 
         Imported messages are stored, indexed and embedded, but do not count as turns, are
-        not retrieved for, and do not enter the active cache.
+        not retrieved for, and do not enter the active cache. Each batch commits on its
+        own; `progress(stored, new)` is called after each.
         """
         self._check_open()
         checked = validate(messages, self._config.max_message_bytes)
@@ -408,6 +411,8 @@ class KVCacheManager:
                 await self._intake.store(
                     session, batch, state, self._config.generate_cache_embeddings
                 )
+                if progress is not None:
+                    progress(start + len(batch), len(fresh))
             session.last_activity = self._clock()
             return len(fresh)
 
@@ -808,12 +813,12 @@ class KVCacheManager:
                 for e in session.cache.entries
             ]
 
-    async def list_sessions(self) -> list[tuple[str, str, int, datetime]]:
-        """(namespace, session id, message count, last activity) of every stored session."""
+    async def list_sessions(self) -> list[SessionInfo]:
+        """Every stored session, the most recently active first."""
         self._check_open()
         return [
-            (ns, sid, count, datetime.fromtimestamp(ts, UTC))
-            for ns, sid, count, ts in await self._store.list_sessions()
+            SessionInfo(ns, sid, count, size, datetime.fromtimestamp(ts, UTC))
+            for ns, sid, count, size, ts in await self._store.list_sessions()
         ]
 
     # -- writing state ---------------------------------------------------------------------

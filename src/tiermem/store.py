@@ -385,14 +385,17 @@ class SQLiteStore:
             )
         return key
 
-    async def list_sessions(self) -> list[tuple[str, str, int, float]]:
-        """(namespace, session id, message count, last activity) for every session."""
+    async def list_sessions(self) -> list[tuple[str, str, int, int, float]]:
+        """(namespace, session id, message count, bytes of message text, last activity) for
+        every session, the most recently active first."""
         rows = await self._read_all(
-            "SELECT s.namespace, s.session_id, COALESCE(st.message_count, 0), s.last_activity "
+            "SELECT s.namespace, s.session_id, COALESCE(st.message_count, 0), "
+            "(SELECT COALESCE(SUM(length(CAST(m.content AS BLOB))), 0) FROM messages m "
+            "WHERE m.session_key = s.id), s.last_activity "
             "FROM sessions s LEFT JOIN session_state st ON st.session_key = s.id "
             "ORDER BY s.last_activity DESC"
         )
-        return [(r[0], r[1], int(r[2]), float(r[3])) for r in rows]
+        return [(r[0], r[1], int(r[2]), int(r[3]), float(r[4])) for r in rows]
 
     async def load_state(self, key: int) -> StateRow:
         row = await self._read_one(

@@ -13,6 +13,9 @@ from .errors import InvalidInputError
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
+DEFAULT_NAMESPACE = "default"
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One chat message. `id` is the caller's own id; it comes back in every hit."""
@@ -174,6 +177,17 @@ class SnapshotInfo:
     entry_count: int
     size_bytes: int
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A stored session: how much it holds and when it was last active."""
+
+    namespace: str
+    session_id: str
+    message_count: int
+    text_bytes: int
+    last_activity: datetime
 
 
 @dataclass(frozen=True, slots=True)

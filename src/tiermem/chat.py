@@ -1,0 +1,143 @@
+"""`tiermem chat`: talk to a GGUF model (the bundled SmolLM2 by default) whose memory
+tiermem manages, with clears, summaries and retrievals printed as they happen.
+
+Each user line is one turn: `process_conversation` gets the previous reply and the new
+line, then the model sees the bridges, the retrieved messages and the active cache (its
+newest entries that fit the window), and answers.
+"""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+import anyio
+import anyio.to_thread
+
+from .config import KVCacheConfig
+from .llm import LlamaChat, resolve_gguf
+from .manager import KVCacheManager
+from .telemetry import SummaryEvent
+from .types import ActiveEntry, CacheProcessingResult, Message
+
+SYSTEM = "You are a friendly assistant. Answer in one or two sentences."
+CHAT_WINDOW = 2048
+REPLY_TOKENS = 160
+RETRIEVED_SHOWN = 4
+
+
+class _SummaryPrinter:
+    """Telemetry that prints each background summary when it lands."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def emit(self, event: object) -> None:
+        if not isinstance(event, SummaryEvent):
+            return
+        if event.error:
+            line = f"[memory] summary failed: {event.error}"
+        else:
+            line = (
+                f"[memory] summary updated in the background: {event.tokens} tokens, "
+                f"{event.messages} new messages, {event.duration_ms / 1000:.1f} s"
+            )
+        print(line, file=self._out, flush=True)
+
+
+def describe(result: CacheProcessingResult) -> list[str]:
+    """What tiermem did in a turn, one line each."""
+    lines = []
+    clear = result.clear_result
+    if clear is not None:
+        summary = (
+            "summary being written in the background"
+            if clear.summary_pending
+            else f"summary failed: {clear.summary_error}"
+            if clear.summary_error
+            else "summary updated"
+        )
+        lines.append(
+            f"[memory] cleared {clear.entries_cleared} entries ({clear.clear_reason.value}), "
+            f"kept {len(clear.entries_to_keep)}, snapshot {clear.snapshot_id}; {summary}"
+        )
+    retrieval = result.retrieval_result
+    if retrieval is not None and retrieval.entries:
+        tiers = sorted({e.source_tier for e in retrieval.entries})
+        top = retrieval.entries[0]
+        lines.append(
+            f"[memory] retrieved {len(retrieval.entries)} from tiers {tiers} for "
+            f"{', '.join(retrieval.keywords_used)!r}; best ({top.similarity_score:.2f}): "
+            f"{top.text[:70]!r}"
+        )
+    return lines
+
+
+def prompt(
+    result: CacheProcessingResult, cache: list[ActiveEntry], window_tokens: int
+) -> list[dict[str, str]]:
+    """The model's messages: the system text with the bridges and retrieved messages, then
+    the newest active-cache entries that fit the window."""
+    system = [SYSTEM, *result.bridge_messages]
+    retrieval = result.retrieval_result
+    in_cache = {e.message_id for e in cache}
+    if retrieval is not None:
+        recalled = [e.text for e in retrieval.entries if not set(e.message_ids) & in_cache][
+            :RETRIEVED_SHOWN
+        ]
+        if recalled:
+            system.append(
+                "Earlier messages that may help:\n" + "\n".join(f"- {t}" for t in recalled)
+            )
+    budget = window_tokens - REPLY_TOKENS - sum(len(s) // 3 for s in system)
+    turns: list[dict[str, str]] = []
+    for entry in reversed([e for e in cache if e.role in ("user", "assistant")]):
+        budget -= entry.token_count + 8
+        if budget < 0 and turns:
+            break
+        turns.append({"role": entry.role, "content": entry.text})
+    return [{"role": "system", "content": "\n\n".join(system)}, *reversed(turns)]
+
+
+async def run_chat(
+    db: str, session: str, namespace: str, config: KVCacheConfig, inp: TextIO, out: TextIO
+) -> int:
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    async with await KVCacheManager.open(db, config, telemetry=_SummaryPrinter(out)) as mgr:
+        gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
+        llm = LlamaChat(gguf, CHAT_WINDOW, config.llm_threads, mgr.model_pool, name="chat")
+        state = await mgr.get_session_state(session, namespace=namespace)
+        if state is not None:
+            say(
+                f"resuming session {session!r}: {state.message_count} messages, "
+                f"{state.clear_count} clears"
+            )
+        say("type a message; an empty line or end of input quits")
+        reply: list[Message] = []  # the last answer, stored with the next turn
+        while True:
+            line = await anyio.to_thread.run_sync(inp.readline)
+            if not line.strip():
+                break
+            if not inp.isatty():
+                say(f"you: {line.strip()}")  # a piped conversation reads as one
+            result = await mgr.process_conversation(
+                session, [*reply, Message("user", line.strip())], namespace=namespace
+            )
+            for note in describe(result):
+                say(note)
+            cache = await mgr.get_active_cache(session, namespace=namespace)
+            text, _ = await llm.complete(
+                prompt(result, cache, CHAT_WINDOW), REPLY_TOKENS, config.summary_timeout_seconds
+            )
+            say(f"assistant: {text}")
+            reply = [Message("assistant", text)]
+        if reply:  # the last answer is part of the conversation too
+            for note in describe(
+                await mgr.process_conversation(session, reply, namespace=namespace)
+            ):
+                say(note)
+        state = await mgr.get_session_state(session, namespace=namespace)
+        if state is not None:
+            say(f"session {session!r}: {state.message_count} messages, {state.clear_count} clears")
+    return 0
