@@ -16,8 +16,8 @@ test: $(READY)
 	$(VENV)/bin/python -m pytest
 
 lint: $(READY)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/mypy
 
 bench: $(READY)
