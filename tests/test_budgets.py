@@ -250,7 +250,7 @@ def test_invalid_budgets_are_refused() -> None:
 
 
 async def test_session_locks_exist_only_while_used() -> None:
-    sessions = Sessions()
+    sessions = Sessions().locks  # the summaries' per-session locks are the same kind
     ident = ("ns", "s")
     order: list[str] = []
 

@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import anyio
-
 from . import budgets
 from .cache import ActiveCache
 from .config import KVCacheConfig
 from .errors import InvalidInputError, NotFoundError, TierMemError
 from .intake import Intake, check_name
+from .locks import KeyedLocks
 from .store import SQLiteStore, StateRow, SummaryRow
 from .telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
 
@@ -52,21 +51,13 @@ class Session:
         return self.state
 
 
-@dataclass(slots=True, eq=False)
-class _Lock:
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    users: int = 0  # tasks holding or waiting for it
-
-
 class Sessions:
-    """The sessions in memory, in least-recently-used order, and their locks.
-
-    A lock exists while some task holds or waits for it, so the locks of sessions that
-    have left memory do not pile up."""
+    """The sessions in memory, in least-recently-used order, and their locks (which
+    outlive neither their holders nor their waiters)."""
 
     def __init__(self) -> None:
         self._live: OrderedDict[Ident, Session] = OrderedDict()
-        self._locks: dict[Ident, _Lock] = {}
+        self.locks = KeyedLocks[Ident]()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -101,25 +92,6 @@ class Sessions:
     @property
     def entries(self) -> int:
         return sum(len(s.cache.entries) for s in self._live.values())
-
-    def busy(self, ident: Ident) -> bool:
-        """True while a task holds or waits for the session's lock."""
-        return ident in self._locks
-
-    @asynccontextmanager
-    async def hold(self, ident: Ident) -> AsyncIterator[None]:
-        """Hold the session's lock: one call at a time per session, in arrival order."""
-        entry = self._locks.get(ident)
-        if entry is None:
-            entry = self._locks[ident] = _Lock()
-        entry.users += 1  # counted before any await: `busy` is true from here on
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._locks[ident]
 
 
 class SessionMemory:
@@ -157,7 +129,7 @@ class SessionMemory:
         in memory out of step with the database, where every change is one transaction,
         whole or absent: the session leaves memory unflushed, and the next call rebuilds
         it from the database."""
-        async with self.sessions.hold(ident):
+        async with self.sessions.locks.hold(ident):
             try:
                 yield
             except (InvalidInputError, NotFoundError):
@@ -232,7 +204,7 @@ class SessionMemory:
             return
         self._telemetry.emit(BudgetExceededEvent(over.scope, over.value, over.limit))
         for victim in self.sessions:  # least recently used first
-            if self.sessions.busy(victim.ident):
+            if self.sessions.locks.busy(victim.ident):
                 continue
             try:
                 await self.evict(victim, over.eviction_reason)
@@ -248,7 +220,7 @@ class SessionMemory:
         cutoff = self._clock() - self._config().idle_eviction_seconds
         evicted, errors = 0, []
         for session in self.sessions:
-            if session.last_activity > cutoff or self.sessions.busy(session.ident):
+            if session.last_activity > cutoff or self.sessions.locks.busy(session.ident):
                 continue
             try:
                 evicted += await self.evict(session, budgets.IDLE)
@@ -260,7 +232,7 @@ class SessionMemory:
         """Flush the session's state, then drop it from memory; False if it had already
         left. Its next call rebuilds the same active cache, counters and summary."""
         ident = session.ident
-        async with self.sessions.hold(ident):
+        async with self.sessions.locks.hold(ident):
             if self.sessions.get(ident) is not session:
                 return False
             await self.flush(session)

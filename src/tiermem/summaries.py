@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import anyio
 
 from .errors import TierMemError
+from .locks import KeyedLocks
 from .store import SQLiteStore, SummaryRow
 from .summarizer import Summarizer, TranscriptLine
 
@@ -55,7 +56,7 @@ class SummaryKeeper:
         self._store = store
         self._summarizer = summarizer
         self._clock = clock
-        self._locks: dict[int, anyio.Lock] = {}
+        self._locks = KeyedLocks[int]()
         self._tasks: set[asyncio.Task[None]] = set()
         self._scopes: set[anyio.CancelScope] = set()
 
@@ -74,7 +75,7 @@ class SummaryKeeper:
         clears reach), and store it. Unset, both are read when the update starts: a
         session's last clear then, so updates queued behind a slow one have nothing left.
         """
-        async with self._locks.setdefault(key, anyio.Lock()):
+        async with self._locks.hold(key):
             if through is None or clear_count is None:
                 state = await self._store.load_state(key)
                 through, clear_count = state.cleared_through, state.clear_count
