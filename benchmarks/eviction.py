@@ -17,7 +17,6 @@ Prints a table and writes benchmarks/results/eviction.json.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import anyio
 import psutil
-from common import pct
+from common import pct, write_results
 
 import tiermem
 
@@ -125,8 +124,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     for key, value in figures.items():
         print(f"{key:>20}  {value}")
-    out = Path(__file__).parent / "results" / "eviction.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_results("eviction", figures)
     if intact != len(sent):
         raise SystemExit("some sessions lost messages")
     return figures

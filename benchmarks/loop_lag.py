@@ -11,13 +11,12 @@ writes benchmarks/results/loop_lag.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
-from common import pct
+from common import pct, write_results
 
 import tiermem
 
@@ -74,8 +73,7 @@ async def main(args: argparse.Namespace) -> None:
     }
     for key, value in figures.items():
         print(f"{key:>16}  {value}")
-    out = Path(__file__).parent / "results" / "loop_lag.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_results("loop_lag", figures)
 
 
 if __name__ == "__main__":

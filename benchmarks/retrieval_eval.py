@@ -32,6 +32,7 @@ import anyio
 import numpy as np
 import pysqlite3.dbapi2 as sqlite3
 import sqlite_vec
+from common import write_results
 
 import tiermem
 from tiermem.embedder import SentenceTransformerEmbedder
@@ -39,7 +40,6 @@ from tiermem.text import words
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "retrieval_eval.json"
-RESULTS = ROOT / "benchmarks" / "results"
 K = (5, 10)
 
 # One retrieval feature off at a time (config overrides on the default).
@@ -186,7 +186,6 @@ def main(args: argparse.Namespace) -> None:
     best = max(scores["bm25"]["all@10"], scores["vector"]["all@10"])
     margin = scores["tiermem"]["all@10"] - best
     print(f"\ntiermem recall@10 - best baseline = {margin * 100:+.1f} points")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     misses = {
         qid: {"question": q["question"], "evidence": q["evidence"], "top10": ranked["tiermem"][qid]}
         for qid, q in questions.items()
@@ -201,7 +200,7 @@ def main(args: argparse.Namespace) -> None:
         "summarizer": not args.no_summarizer,
         "misses": misses,
     }
-    (RESULTS / "retrieval_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results("retrieval_eval", report)
     print(json.dumps({k: report[k] for k in ("questions", "margin_at_10", "feeds")}))
 
 

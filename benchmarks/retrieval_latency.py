@@ -24,11 +24,11 @@ from typing import Any
 
 import anyio
 import numpy as np
+from common import write_results
 
 import tiermem
 from tiermem.embedder import SentenceTransformerEmbedder
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VOCABULARY = 20_000
 CHUNK = 20_000
 
@@ -152,8 +152,7 @@ def main(args: argparse.Namespace) -> None:
             f"{r['case']:<24}{r['messages']:>11,}{r['p50_ms']:>9}{r['p95_ms']:>9}"
             f"{r['max_ms']:>9}{r['db_mib']:>8}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "retrieval_latency.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_results("retrieval_latency", rows)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from common import write_results
 
 import tiermem
 
@@ -37,7 +38,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from make_retrieval_eval import PERSONAS  # noqa: E402
 from retrieval_eval import FIXTURE, turns  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 SESSIONS = 5
 TURNS_PER_SESSION = 16
 REPORTED = (1, 2, 5)
@@ -159,9 +159,8 @@ def main(args: argparse.Namespace) -> None:
             f"{t['clears']:>6}{t['facts']:>7}{t['kept']:>6}{t['share']:>8}"
             f"{t['worst_conversation']:>8}{t['summary_s_p50']:>8}{t['summary_s_max']:>8}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"table": table, "rows": rows}
-    (RESULTS / "summary_quality.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_results("summary_quality", out)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import tiermem
-from tiermem.llm import LlamaChat, resolve_gguf
+from tiermem.chat import CHAT_WINDOW, REPLY_TOKENS, chat_model, prompt
 
 # writes the assistant's reply from the messages a model should see
 Responder = Callable[[list[dict[str, str]]], Awaitable[str]]
-SYSTEM = "You are a friendly assistant. Answer in one or two sentences."
 
 
-def bundled_responder(mgr: tiermem.KVCacheManager) -> Responder:
-    """Replies from the bundled GGUF (a second instance beside the summarizer's)."""
-    config = mgr.config
-    llm = LlamaChat(resolve_gguf(config.llm_model_path), 2048, config.llm_threads,
-                    mgr.model_pool, name="replies")  # fmt: skip
+async def bundled_responder(mgr: tiermem.KVCacheManager) -> Responder:
+    """Replies from the configured GGUF (the bundled SmolLM2 by default)."""
+    llm = await chat_model(mgr, "replies")
 
     async def respond(messages: list[dict[str, str]]) -> str:
-        text, _ = await llm.complete(messages, 160, config.summary_timeout_seconds)
+        text, _ = await llm.complete(messages, REPLY_TOKENS, mgr.config.summary_timeout_seconds)
         return text
 
     return respond
@@ -49,7 +46,7 @@ def bundled_responder(mgr: tiermem.KVCacheManager) -> Responder:
 def create_app(
     db: str | None = None,
     config: tiermem.KVCacheConfig | None = None,
-    responder: Callable[[tiermem.KVCacheManager], Responder] = bundled_responder,
+    responder: Callable[[tiermem.KVCacheManager], Awaitable[Responder]] = bundled_responder,
     maintenance_seconds: float = 300.0,
     **models: Any,
 ) -> Starlette:
@@ -59,7 +56,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         path = db or os.environ.get("CHAT_DB", "chat_backend.db")
         async with await tiermem.KVCacheManager.open(path, config, **models) as mgr:
-            app.state.mgr, app.state.respond = mgr, responder(mgr)
+            app.state.mgr, app.state.respond = mgr, await responder(mgr)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(mgr.run_maintenance, maintenance_seconds)
                 yield
@@ -91,11 +88,8 @@ async def chat(request: Request) -> JSONResponse:
     sid, ns = str(body.get("session_id", "")), str(body.get("namespace", "default"))
     result = await mgr.process_conversation(sid, messages, namespace=ns)
     cache = await mgr.get_active_cache(sid, namespace=ns)
-    system = "\n\n".join([SYSTEM, *result.bridge_messages])
-    if result.retrieval_result is not None:
-        system += "".join(f"\n- {e.text}" for e in result.retrieval_result.entries[:4])
-    seen = [{"role": e.role, "content": e.text} for e in cache if e.role != "system"]
-    reply = await request.app.state.respond([{"role": "system", "content": system}, *seen[-12:]])
+    # the bridges and retrieved messages, then the newest active entries that fit
+    reply = await request.app.state.respond(prompt(result, cache, CHAT_WINDOW))
     clear = result.clear_result
     return JSONResponse(
         {

@@ -28,7 +28,7 @@ FACTS = [
 def test_a_conversation_through_several_clears(tmp_path: Path) -> None:
     shown: list[list[dict[str, str]]] = []
 
-    def responder(mgr: tiermem.KVCacheManager) -> Responder:
+    async def responder(mgr: tiermem.KVCacheManager) -> Responder:
         async def respond(messages: list[dict[str, str]]) -> str:
             shown.append(messages)
             return f"Noted ({len(shown)})."

@@ -98,6 +98,14 @@ def prompt(
     return [{"role": "system", "content": "\n\n".join(system)}, *reversed(turns)]
 
 
+async def chat_model(mgr: KVCacheManager, name: str) -> LlamaChat:
+    """The configured GGUF for writing replies: its own instance in the manager's model
+    pool, beside the summarizer's, so a reply never queues behind a summary."""
+    config = mgr.config
+    gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
+    return LlamaChat(gguf, CHAT_WINDOW, config.llm_threads, mgr.model_pool, name=name)
+
+
 async def run_chat(
     db: str, session: str, namespace: str, config: KVCacheConfig, inp: TextIO, out: TextIO
 ) -> int:
@@ -105,8 +113,7 @@ async def run_chat(
         print(line, file=out, flush=True)
 
     async with await KVCacheManager.open(db, config, telemetry=_SummaryPrinter(out)) as mgr:
-        gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
-        llm = LlamaChat(gguf, CHAT_WINDOW, config.llm_threads, mgr.model_pool, name="chat")
+        llm = await chat_model(mgr, "chat")
         state = await mgr.get_session_state(session, namespace=namespace)
         if state is not None:
             say(

@@ -26,13 +26,15 @@ def _config(args: argparse.Namespace) -> KVCacheConfig:
     return KVCacheConfig.from_env()
 
 
-async def _open(args: argparse.Namespace, *, create: bool = False, **kwargs: Any) -> Any:
+async def _open(
+    args: argparse.Namespace, config: KVCacheConfig | None = None, *, create: bool = False
+) -> Any:
     """The manager on `--db`; a database that is not there is an error unless `create`."""
     from .manager import KVCacheManager
 
     if not create and not await anyio.Path(args.db).is_file():
         raise TierMemError(f"no database at {args.db}")
-    return await KVCacheManager.open(args.db, _config(args), **kwargs)
+    return await KVCacheManager.open(args.db, config or _config(args))
 
 
 def _print_json(value: Any) -> None:
@@ -125,7 +127,7 @@ async def _ingest(args: argparse.Namespace) -> int:
     total = sum(len(m) for m in by_session.values())
     bar = _Progress(total)
     new = 0
-    async with await _open(args, create=True) as mgr:
+    async with await _open(args, config, create=True) as mgr:
         for (ns, sid), messages in by_session.items():
             seen = [0]
 
