@@ -155,6 +155,10 @@ class KVCacheConfig(_Model):
     max_entries_per_session: int = Field(default=10_000, ge=1)
     idle_eviction_seconds: float = Field(default=3600.0, gt=0.0)
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    # a message's metadata, as JSON
+    max_metadata_bytes: int = Field(default=64 * 1024, ge=2)
+    # aclose() waits this long for calls in flight before it cancels them
+    close_wait_seconds: float = Field(default=10.0, ge=0.0)
     busy_timeout_ms: int = Field(default=10_000, ge=0)
 
     @model_validator(mode="after")

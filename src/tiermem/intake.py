@@ -3,8 +3,10 @@ tokens, embedded, written with the session's state in one transaction) as cache 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -28,14 +30,24 @@ def derived_id(session_id: str, position: int) -> str:
     return f"{session_id}#{position}"
 
 
-def check_name(what: str, value: str) -> None:
+MAX_NAME_CHARS = 512
+
+
+def check_name(what: str, value: object) -> None:
+    """A session id, namespace or message id: a non-empty string of at most 512 characters,
+    valid Unicode, no NUL."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidInputError(f"{what} must be a non-empty string")
-    if len(value) > 512 or "\x00" in value:
-        raise InvalidInputError(f"{what} must be at most 512 characters with no NUL")
+    if len(value) > MAX_NAME_CHARS or "\x00" in value:
+        raise InvalidInputError(f"{what} must be at most {MAX_NAME_CHARS} characters with no NUL")
+    check_text(what, value, 4 * MAX_NAME_CHARS)
 
 
 def check_text(what: str, value: str, max_bytes: int) -> None:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be str, not {type(value).__name__}")
+    if len(value) > max_bytes:  # at least one byte a character: refused without encoding
+        raise InvalidInputError(f"{what} is over {max_bytes} bytes; the limit is {max_bytes}")
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -44,13 +56,45 @@ def check_text(what: str, value: str, max_bytes: int) -> None:
         raise InvalidInputError(f"{what} is {size} bytes; the limit is {max_bytes}")
 
 
-def validate(messages: Sequence[Message | Mapping[str, Any]], max_bytes: int) -> list[Message]:
-    """`messages` as `Message`s, each checked; raises `InvalidInputError` on the first bad one."""
+def check_metadata(metadata: Mapping[Any, Any], max_bytes: int) -> dict[str, Any]:
+    """Metadata as a plain dict that JSON can hold (string keys, no cycles), within
+    `max_bytes` once encoded; values JSON cannot hold are stored as their `str`."""
+    if any(not isinstance(k, str) for k in metadata):
+        raise InvalidInputError("metadata keys must be strings")
+    try:
+        encoded = json.dumps(dict(metadata), default=str, ensure_ascii=False)
+        size = len(encoded.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
+        raise InvalidInputError(f"metadata cannot be stored as JSON: {exc}") from exc
+    if size > max_bytes:
+        raise InvalidInputError(f"metadata is {size} bytes as JSON; the limit is {max_bytes}")
+    loaded: dict[str, Any] = json.loads(encoded)
+    return loaded
+
+
+def check_time(value: datetime) -> datetime:
+    """An aware UTC datetime (a naive one is read as UTC), anywhere in years 1-9999."""
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    try:
+        return aware.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInputError(f"created_at {value!r} is out of range") from exc
+
+
+def validate(
+    messages: Sequence[Message | Mapping[str, Any]],
+    max_bytes: int,
+    max_metadata_bytes: int = 64 * 1024,
+) -> list[Message]:
+    """`messages` as `Message`s, each checked and normalised (ids, text, metadata as JSON-
+    ready dicts, created_at as aware UTC); raises `InvalidInputError` on the first bad one."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidInputError("messages must be a list of Message")
     out = []
     for m in messages:
         if isinstance(m, Mapping):
+            if any(not isinstance(k, str) for k in m):
+                raise InvalidInputError("a message mapping must have string keys")
             try:
                 m = Message(**m)
             except TypeError as exc:
@@ -58,6 +102,14 @@ def validate(messages: Sequence[Message | Mapping[str, Any]], max_bytes: int) ->
         if not isinstance(m, Message):
             raise InvalidInputError(f"expected a Message, got {type(m).__name__}")
         check_text("message content", m.content, max_bytes)
+        if m.id is not None:
+            check_name("message id", m.id)
+        metadata = m.metadata
+        if metadata is not None:
+            metadata = check_metadata(metadata, max_metadata_bytes)
+        created = check_time(m.created_at) if m.created_at is not None else None
+        if metadata is not m.metadata or created is not m.created_at:
+            m = dataclasses.replace(m, metadata=metadata, created_at=created)
         out.append(m)
     return out
 
@@ -135,7 +187,7 @@ class Intake:
             message_id = m.id or derived_id(session.session_id, position)
             digest = text.chain_digest(digest, message_id, h)
             created = m.created_at.timestamp() if m.created_at else now
-            meta = json.dumps(dict(m.metadata), default=str) if m.metadata else None
+            meta = json.dumps(dict(m.metadata), ensure_ascii=False) if m.metadata else None
             rows.append(
                 NewMessage(position, message_id, m.role, m.content, h, meta, created, tokens)
             )

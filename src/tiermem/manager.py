@@ -7,6 +7,7 @@ matters (tier 2), keeps the cumulative summary, and searches the three tiers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -14,10 +15,10 @@ import re
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -25,6 +26,7 @@ import numpy as np
 import psutil
 
 from . import bridge, budgets, text
+from .boundary import convert, map_errors
 from .budgets import SessionBudget
 from .cache import CacheEntry
 from .config import (
@@ -49,9 +51,9 @@ from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from .pool import ModelPool
 from .retrieval import Retriever
 from .scoring import ImportanceScorer
-from .sessions import Session, SessionMemory
+from .sessions import Ident, Session, SessionMemory
 from .statistics import CacheStatistics
-from .store import SnapshotEntryRow, SQLiteStore, SummaryRow
+from .store import SnapshotEntryRow, SQLiteStore, StaleSession, SummaryRow
 from .summaries import SummaryKeeper, SummaryOutcome
 from .summarizer import LLMSummarizer, Summarizer, TokenCounter
 from .telemetry import (
@@ -84,6 +86,7 @@ from .types import (
     SessionSummary,
     SnapshotInfo,
     StoredMessage,
+    timestamp_to_datetime,
 )
 
 log = logging.getLogger("tiermem")
@@ -92,6 +95,12 @@ log = logging.getLogger("tiermem")
 # (32 layers, 8 KV heads of 128, f16), so byte figures stay realistic.
 FALLBACK_KV_SHAPE = KVShape(n_layers=32, n_kv_heads=8, head_dim=128, dtype_bytes=2)
 INGEST_BATCH = 256
+# how many times a call starts again on a fresh copy of a session another process changed
+STALE_RETRIES = 8
+MAX_RETRIEVAL_LIMIT = 1000
+# messages longer than this in total are checked in a worker thread
+LARGE_INPUT_CHARS = 256 * 1024
+T = TypeVar("T")
 _RETRIEVE_HINT = re.compile(r"\b(explain|how to|what is|what's)\b", re.IGNORECASE)
 _IMMUTABLE_FIELDS = ("embedding_model", "llm_model_path", "summarizer_context_tokens")
 
@@ -144,7 +153,10 @@ class KVCacheManager:
             store, self._intake, lambda: self._config, self._telemetry, clock, self._loaded
         )
         self._sessions = self._memory.sessions
-        self._closed = False
+        self._closing = False  # no new calls
+        self._closed = False  # everything flushed and closed
+        self._calls: set[anyio.CancelScope] = set()  # public calls in flight
+        self._drained = anyio.Event()  # set when closing and no call is left
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,14 +234,22 @@ class KVCacheManager:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Wait for background summaries (up to `summary_close_wait_seconds`; the spans of
-        those still running stay pending), flush every session's state, then close the
-        database and the models."""
-        if self._closed:
+        """Refuse new calls (`ManagerClosedError`), wait up to `close_wait_seconds` for the
+        calls in flight (then cancel them: each ends whole or not at all), wait for
+        background summaries (up to `summary_close_wait_seconds`; the spans of those still
+        running stay pending), flush every session under its lock, then close the database
+        and the models."""
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         with anyio.CancelScope(shield=True):
             try:
+                if self._calls:
+                    with anyio.move_on_after(self._config.close_wait_seconds):
+                        await self._drained.wait()
+                    for scope in list(self._calls):
+                        scope.cancel()
+                    await self._drained.wait()
                 if self._summaries is not None:
                     cancelled = await self._summaries.aclose(
                         self._config.summary_close_wait_seconds, self._stop_models
@@ -237,8 +257,13 @@ class KVCacheManager:
                     if cancelled:
                         log.warning("%d summaries left pending at shutdown", cancelled)
                 for session in self._sessions:
-                    await self._memory.flush(session)
+                    async with self._sessions.locks.hold(session.ident):
+                        try:
+                            await self._memory.flush(session)
+                        except TierMemError as exc:
+                            log.warning("could not flush session %r: %s", session.session_id, exc)
             finally:
+                self._closed = True
                 self._sessions.clear()
                 await self._store.close()
                 await self._pool.aclose()
@@ -256,8 +281,38 @@ class KVCacheManager:
             )
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closing:
             raise ManagerClosedError("this KVCacheManager is closed")
+
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        """One public call: refused once closing; counted while in flight, so `aclose` can
+        wait for it (or cancel it); every error converted to a `TierMemError`."""
+        self._check_open()
+        scope = anyio.CancelScope()
+        self._calls.add(scope)
+        try:
+            with scope, map_errors():
+                yield
+        finally:
+            self._calls.discard(scope)
+            if self._closing and not self._calls:
+                self._drained.set()
+        if scope.cancelled_caught:
+            raise ManagerClosedError("the manager was closed while this call ran")
+
+    async def _retrying(self, ident: Ident, work: Callable[[], Awaitable[T]]) -> T:
+        """`work` under the session's lock; when another process changed the session since
+        this one read it (nothing of this attempt was written), again on a fresh copy."""
+        for attempt in range(STALE_RETRIES):
+            try:
+                async with self._memory.use(ident):
+                    return await work()
+            except StaleSession:
+                if attempt == STALE_RETRIES - 1:
+                    raise
+                await anyio.sleep(0.002 * attempt)
+        raise AssertionError("unreachable")
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -321,63 +376,100 @@ class KVCacheManager:
         `messages` may be the whole conversation so far or only the new messages; messages
         already stored are not stored again.
         """
-        self._check_open()
-        checked = validate(messages, self._config.max_message_bytes)
-        async with self._memory.use((namespace, session_id)):
-            session = await self._memory.get(session_id, namespace, create=True)
-            fresh = await self._intake.new_messages(session, checked)
-            state = session.state
-            turns_before = state.conversation_count
-            state.conversation_count = turns_before + 1
-            embed = self._config.generate_cache_embeddings
-            entries = await self._intake.store(session, fresh, state, embed)
-            session.last_activity = self._clock()
-            await self._memory.hold_budget(kv_bytes=sum(e.kv_bytes for e in entries))
-            self._scorer.decay(session.cache.entries)
-            session.cache.add(entries)
-            self._memory.note_peak()
+        async with self._call():
+            checked = await self._validate(messages)
+            return await self._retrying(
+                (namespace, session_id), lambda: self._turn(session_id, namespace, checked)
+            )
 
-            slid_out: list[str] = []
-            if self._config.context_overflow == "sliding_window":
-                slid_out = await self._shed(session, budget=False)
-            reason = self._clear_reason(session, turns_before)
-            clear_result = await self._clear(session, reason) if reason else None
-            if clear_result is not None:
-                # what a clear must preserve may not fit the window or the budget either
-                slid_out += await self._shed(session, budget=True)
-            bridges: list[str] = []
-            if clear_result is not None:
-                bridges.append(clear_result.bridge_message)
-            if (
-                session.summary is not None
-                and state.clear_count > 0
-                and (clear_result is None or clear_result.summary_pending)
-            ):
-                # the newest summary there is, while this clear's is being written
-                bridges.append(bridge.prior_summary_bridge(session.summary.text))
+    async def _validate(self, messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
+        c = self._config
+        if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+            size = sum(len(m.content) for m in messages if isinstance(m, Message))
+            if size > LARGE_INPUT_CHARS:  # encoding and checking megabytes: off the loop
+                return await anyio.to_thread.run_sync(
+                    validate, messages, c.max_message_bytes, c.max_metadata_bytes
+                )
+        return validate(messages, c.max_message_bytes, c.max_metadata_bytes)
 
-            retrieval = None
-            query = self._retrieval_query([m for m, _ in fresh])
-            if query is not None:
-                # the question was embedded a moment ago to be stored: not again to search
-                vector = next((e.vector for e in entries if e.content == query), None)
+    async def _turn(
+        self, session_id: str, namespace: str, checked: Sequence[Message]
+    ) -> CacheProcessingResult:
+        session = await self._memory.get(session_id, namespace, create=True)
+        fresh = await self._intake.new_messages(session, checked)
+        state = session.state.copy()
+        state.conversation_count += 1
+        embed = self._config.generate_cache_embeddings
+        # one transaction; a conflict with another process raises before anything is written
+        entries = await self._intake.store(session, fresh, state, embed)
+        session.state = state
+        session.last_activity = self._clock()
+        await self._memory.hold_budget(kv_bytes=sum(e.kv_bytes for e in entries))
+        self._scorer.decay(session.cache.entries)
+        session.cache.add(entries)
+        self._memory.note_peak()
+
+        # the turn is stored: from here on a conflict means settling again on a fresh copy
+        session, slid_out, clear_result = await self._settle(session)
+        state = session.state
+        bridges: list[str] = []
+        if clear_result is not None:
+            bridges.append(clear_result.bridge_message)
+        if (
+            session.summary is not None
+            and state.clear_count > 0
+            and (clear_result is None or clear_result.summary_pending)
+        ):
+            # the newest summary there is, while this clear's is being written
+            bridges.append(bridge.prior_summary_bridge(session.summary.text))
+
+        retrieval, retrieval_error = None, None
+        query = self._retrieval_query([m for m, _ in fresh])
+        if query is not None:
+            # the question was embedded a moment ago to be stored: not again to search
+            vector = next((e.vector for e in entries if e.content == query), None)
+            try:
                 retrieval = await self._retrieve(
                     session, query, self._config.retrieval_limit, {e.rowid for e in entries}, vector
                 )
-                if retrieval.entries and retrieval.bridge_message:
-                    bridges.append(retrieval.bridge_message)
-            if not self._config.bridge_enabled:
-                bridges = []
-            return CacheProcessingResult(
-                should_clear_cache=clear_result is not None,
-                clear_result=clear_result,
-                should_retrieve=bool(retrieval and retrieval.entries),
-                retrieval_result=retrieval,
-                bridge_messages=bridges,
-                updated_session_state=self._public_state(session),
-                stored_message_ids=[e.message_id for e in entries],
-                slid_out_message_ids=slid_out,
-            )
+            except Exception as exc:  # the turn is stored: it reports the failure, not fails
+                retrieval_error = str(convert(exc))
+                log.warning("retrieval after a stored turn failed: %s", retrieval_error)
+            if retrieval is not None and retrieval.entries and retrieval.bridge_message:
+                bridges.append(retrieval.bridge_message)
+        if not self._config.bridge_enabled:
+            bridges = []
+        return CacheProcessingResult(
+            should_clear_cache=clear_result is not None,
+            clear_result=clear_result,
+            should_retrieve=bool(retrieval and retrieval.entries),
+            retrieval_result=retrieval,
+            bridge_messages=bridges,
+            updated_session_state=self._public_state(session),
+            stored_message_ids=[e.message_id for e in entries],
+            slid_out_message_ids=slid_out,
+            retrieval_error=retrieval_error,
+        )
+
+    async def _settle(self, session: Session) -> tuple[Session, list[str], CacheClearResult | None]:
+        """After a stored turn: slide, clear if due, shed what a clear keeps beyond the
+        budget. When another process changed the session meanwhile, the decision is made
+        again on a fresh copy (if it cleared already, nothing is due any more)."""
+        for _ in range(STALE_RETRIES):
+            try:
+                slid_out: list[str] = []
+                if self._config.context_overflow == "sliding_window":
+                    slid_out = await self._shed(session, budget=False)
+                reason = self._clear_reason(session)
+                clear_result = await self._clear(session, reason) if reason else None
+                if clear_result is not None:
+                    # what a clear must preserve may not fit the window or the budget either
+                    slid_out += await self._shed(session, budget=True)
+                return session, slid_out, clear_result
+            except StaleSession:
+                self._sessions.remove(session.ident)
+                session = await self._memory.get(session.session_id, session.namespace, False)
+        raise StaleSession(f"session {session.session_id!r} kept changing in another process")
 
     async def ingest(
         self,
@@ -394,33 +486,40 @@ class KVCacheManager:
         not retrieved for, and do not enter the active cache. Each batch commits on its
         own; `progress(stored, new)` is called after each.
         """
-        self._check_open()
-        checked = validate(messages, self._config.max_message_bytes)
-        if batch_size < 1:
-            raise InvalidInputError("batch_size must be at least 1")
-        async with self._memory.use((namespace, session_id)):
-            session = await self._memory.get(session_id, namespace, create=True)
-            fresh = await self._intake.new_messages(session, checked)
+        async with self._call():
+            checked = await self._validate(messages)
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise InvalidInputError("batch_size must be an integer of at least 1")
+            ident = (namespace, session_id)
+
+            async def work() -> list[tuple[Message, str]]:
+                session = await self._memory.get(session_id, namespace, create=True)
+                return await self._intake.new_messages(session, checked)
+
+            fresh = await self._retrying(ident, work)
             for start in range(0, len(fresh), batch_size):
-                state = session.state
-                state.cleared_through = (
-                    state.message_count + min(batch_size, len(fresh) - start) - 1
-                )
-                state.pinned = session.cache.rowids()
                 batch = fresh[start : start + batch_size]
-                await self._intake.store(
-                    session, batch, state, self._config.generate_cache_embeddings
-                )
+                await self._retrying(ident, functools.partial(self._ingest_batch, ident, batch))
                 if progress is not None:
                     progress(start + len(batch), len(fresh))
-            session.last_activity = self._clock()
             return len(fresh)
 
-    def _clear_reason(self, session: Session, turns_before: int) -> ClearReason | None:
+    async def _ingest_batch(self, ident: Ident, batch: Sequence[tuple[Message, str]]) -> None:
+        session = await self._memory.get(ident[1], ident[0], create=True)
+        state = session.state.copy()
+        # imported messages are history (tier 3), not active: "cleared" through the batch,
+        # with the active entries kept by row
+        state.cleared_through = state.message_count + len(batch) - 1
+        state.pinned = session.cache.rowids()
+        await self._intake.store(session, batch, state, self._config.generate_cache_embeddings)
+        session.state = state
+        session.last_activity = self._clock()
+
+    def _clear_reason(self, session: Session) -> ClearReason | None:
         c = self._config
         if not c.enabled:
             return None
-        if turns_before + 1 >= c.clear_after_conversations:
+        if session.state.conversation_count >= c.clear_after_conversations:
             return ClearReason.CONVERSATION_LIMIT
         if session.cache.kv_bytes / self.max_cache_bytes() >= c.memory_threshold_percent:
             return ClearReason.MEMORY_THRESHOLD
@@ -454,12 +553,14 @@ class KVCacheManager:
             return []
         gone = {e.rowid for e in dropped}
         keep = [e for e in session.cache.entries if e.rowid not in gone]
-        state = session.state
+        state = session.state.copy()
         # the state names the active cache as "after cleared_through, plus pinned rows"
         state.cleared_through = max([state.cleared_through, *(e.position for e in dropped)])
         state.pinned = [e.rowid for e in keep if e.position <= state.cleared_through]
+        state.entry_stats = session.stats_of(keep)
+        await self._store.save_state(session.key, state)
+        session.state = state
         session.cache.replace(keep)
-        await self._memory.flush(session)
         return [e.message_id for e in dropped]
 
     def _retrieval_query(self, fresh: Sequence[Message]) -> str | None:
@@ -499,20 +600,20 @@ class KVCacheManager:
             outcome = SummaryOutcome(None, "no summarizer configured")
         elif c.summary_mode == "inline":
             outcome = await self._summaries.update(session.key, through, clear_count)
-            self._summary_landed(session, outcome)
+            self._summary_landed(session.key, session.ident, outcome)
 
-        state = session.state
+        state = session.state.copy()
         bytes_before = session.cache.kv_bytes
         state.clear_count = clear_count
         state.conversation_count = 0
         state.cleared_through = through
         state.pinned = [e.rowid for e in keep]
         state.last_cleared_at = self._clock()
-        session.cache.replace(keep)
+        state.entry_stats = session.stats_of(keep)
         vectors = {e.rowid: e.vector for e in keep if e.vector is not None}
-        snapshot_id = await self._store.save_clear(
-            session.key, session.persistent_state(), snapshot, vectors
-        )
+        snapshot_id = await self._store.save_clear(session.key, state, snapshot, vectors)
+        session.state = state
+        session.cache.replace(keep)
         pending = c.summary_mode == "background" and self._schedule_summary(session)
 
         keywords = text.top_keywords(e.content for e in keep if e.entry_type != "system_prompt")
@@ -573,39 +674,40 @@ class KVCacheManager:
             summary.covered_through if summary else -1, state.cleared_through
         ):
             return False
-        self._summaries.schedule(
-            session.key, lambda outcome: self._summary_landed(session, outcome)
-        )
+        key, ident = session.key, session.ident
+        self._summaries.schedule(key, lambda outcome: self._summary_landed(key, ident, outcome))
         return True
 
-    def _summary_landed(self, session: Session, outcome: SummaryOutcome) -> None:
-        """Hand a new summary to the session (and to its rebuilt self, if it left memory
-        meanwhile), and report the update."""
+    def _summary_landed(self, key: int, ident: Ident, outcome: SummaryOutcome) -> None:
+        """Hand a new summary to the session in memory (if it is the one the summary was
+        written for: keys are never reused), and report the update."""
         new = outcome.summary
         if new is None and outcome.error is None:
             return  # nothing was due
         self._telemetry.emit(
             SummaryEvent(
-                session.session_id,
-                session.namespace,
+                ident[1],
+                ident[0],
                 outcome.duration_ms,
                 new.token_count if new else 0,
                 outcome.messages,
                 outcome.error,
             )
         )
-        if new is None:
-            return
-        for holder in (session, self._sessions.get(session.ident)):
-            if holder is not None and (
-                holder.summary is None or holder.summary.covered_through < new.covered_through
-            ):
-                holder.summary = new
+        holder = self._sessions.get(ident)
+        if (
+            new is not None
+            and holder is not None
+            and holder.key == key
+            and (holder.summary is None or holder.summary.covered_through < new.covered_through)
+        ):
+            holder.summary = new
 
     async def wait_for_summaries(self, timeout: float | None = None) -> bool:
         """Wait until every background summary has landed; False if `timeout` passed first."""
-        self._check_open()
-        return True if self._summaries is None else await self._summaries.wait(timeout)
+        async with self._call():
+            timeout = None if timeout is None else _seconds("timeout", timeout)
+            return True if self._summaries is None else await self._summaries.wait(timeout)
 
     async def clear_cache(
         self,
@@ -615,14 +717,17 @@ class KVCacheManager:
         namespace: str = DEFAULT_NAMESPACE,
     ) -> CacheClearResult:
         """Clear a session's active cache now, for the given reason."""
-        self._check_open()
-        try:
-            why = ClearReason(reason)
-        except ValueError as exc:
-            raise InvalidInputError(f"unknown clear reason {reason!r}") from exc
-        async with self._memory.use((namespace, session_id)):
-            session = await self._memory.get(session_id, namespace, create=False)
-            return await self._clear(session, why)
+        async with self._call():
+            try:
+                why = ClearReason(reason)
+            except ValueError as exc:
+                raise InvalidInputError(f"unknown clear reason {reason!r}") from exc
+
+            async def work() -> CacheClearResult:
+                session = await self._memory.get(session_id, namespace, create=False)
+                return await self._clear(session, why)
+
+            return await self._retrying((namespace, session_id), work)
 
     async def manual_clear_cache(
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
@@ -644,16 +749,19 @@ class KVCacheManager:
         Each hit's `similarity_score` is in [0, 1] (higher is better) and comparable across
         tiers; `message_ids` are the caller's ids of the messages it came from.
         """
-        self._check_open()
-        if not isinstance(query, str):
-            raise InvalidInputError(f"query must be str, not {type(query).__name__}")
-        check_text("query", query, self._config.max_message_bytes)
-        wanted = self._config.retrieval_limit if limit is None else limit
-        if wanted < 1:
-            raise InvalidInputError("limit must be at least 1")
-        async with self._memory.use((namespace, session_id)):
-            session = await self._memory.get(session_id, namespace, create=False)
-            return await self._retrieve(session, query, wanted, set())
+        async with self._call():
+            check_text("query", query, self._config.max_message_bytes)
+            wanted = self._config.retrieval_limit if limit is None else limit
+            if isinstance(wanted, bool) or not isinstance(wanted, int):
+                raise InvalidInputError(f"limit must be an integer, not {type(wanted).__name__}")
+            if not 1 <= wanted <= MAX_RETRIEVAL_LIMIT:
+                raise InvalidInputError(f"limit must be between 1 and {MAX_RETRIEVAL_LIMIT}")
+
+            async def work() -> RetrievalResult:
+                session = await self._memory.get(session_id, namespace, create=False)
+                return await self._retrieve(session, query, wanted, set())
+
+            return await self._retrying((namespace, session_id), work)
 
     async def _retrieve(
         self,
@@ -675,14 +783,13 @@ class KVCacheManager:
                 message_ids=[r.message_id for r in (c.row, *c.same_text)],
                 matched_keywords=text.matched_keywords(c.row.content, outcome.keywords),
                 role=c.row.role,
-                created_at=datetime.fromtimestamp(c.row.created_at, UTC),
+                created_at=timestamp_to_datetime(c.row.created_at),
             )
             for c in outcome.hits
             if c.row is not None
         ]
         active = session.cache.by_rowid()
         self._scorer.engage([active[c.rowid] for c in outcome.hits if c.rowid in active])
-        await self._store.mark_retrieved([c.rowid for c in outcome.hits])
         self._stats.record_retrieval(
             len(hits), outcome.tiers_searched, len(outcome.keywords), session.session_id
         )
@@ -717,118 +824,126 @@ class KVCacheManager:
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> list[SnapshotInfo]:
         """The session's snapshots, newest first."""
-        self._check_open()
-        key = await self._memory.key(session_id, namespace)
-        return [
-            SnapshotInfo(int(r[0]), r[1], int(r[2]), int(r[3]), datetime.fromtimestamp(r[4], UTC))
-            for r in await self._store.snapshots(key)
-        ]
+        async with self._call():
+            key = await self._memory.key(session_id, namespace)
+            return [_public_snapshot(r) for r in await self._store.snapshots(key)]
 
     async def restore_from_snapshot(
         self, session_id: str, snapshot_id: int, *, namespace: str = DEFAULT_NAMESPACE
     ) -> RestoreResult:
         """Bring a snapshot's entries back into the session's active cache."""
-        self._check_open()
-        async with self._memory.use((namespace, session_id)):
-            session = await self._memory.get(session_id, namespace, create=False)
-            rows = await self._store.snapshot_entries(session.key, snapshot_id)
-            if rows is None:
-                raise NotFoundError(f"session {session_id!r} has no snapshot {snapshot_id}")
-            info = next(r for r in await self._store.snapshots(session.key) if r[0] == snapshot_id)
-            messages = await self._store.messages_by_rowid([r.message_rowid for r in rows])
-            session.cache.add(
-                await self._intake.entries(messages, self._config.generate_cache_embeddings)
+        async with self._call():
+            if isinstance(snapshot_id, bool) or not isinstance(snapshot_id, int):
+                raise InvalidInputError(
+                    f"snapshot_id must be an integer, not {type(snapshot_id).__name__}"
+                )
+            return await self._retrying(
+                (namespace, session_id), lambda: self._restore(session_id, namespace, snapshot_id)
             )
-            pinned = set(session.state.pinned or [])
-            pinned.update(r.rowid for r in messages if r.position <= session.state.cleared_through)
-            session.state.pinned = sorted(pinned)
-            await self._memory.flush(session)
-            minutes = max(0, int((self._clock() - float(info[4])) // 60))
-            self._stats.record_restore(snapshot_id, len(messages), session.session_id)
-            return RestoreResult(
-                snapshot_id, len(messages), bridge.restore_bridge(len(messages), minutes), minutes
-            )
+
+    async def _restore(self, session_id: str, namespace: str, snapshot_id: int) -> RestoreResult:
+        session = await self._memory.get(session_id, namespace, create=False)
+        found = None
+        if 0 < snapshot_id < 2**63:
+            found = await self._store.snapshot_entries(session.key, snapshot_id)
+        if found is None:
+            raise NotFoundError(f"session {session_id!r} has no snapshot {snapshot_id}")
+        created_at, rows = found
+        messages = await self._store.messages_by_rowid([r.message_rowid for r in rows])
+        restored = await self._intake.entries(messages, self._config.generate_cache_embeddings)
+        state = session.state.copy()
+        pinned = set(state.pinned or [])
+        pinned.update(r.rowid for r in messages if r.position <= state.cleared_through)
+        state.pinned = sorted(pinned)
+        state.entry_stats = session.stats_of([*session.cache.entries, *restored])
+        await self._store.save_state(session.key, state)
+        session.state = state
+        session.cache.add(restored)
+        minutes = max(0, int((self._clock() - created_at) // 60))
+        self._stats.record_restore(snapshot_id, len(messages), session.session_id)
+        return RestoreResult(
+            snapshot_id, len(messages), bridge.restore_bridge(len(messages), minutes), minutes
+        )
 
     # -- reading ---------------------------------------------------------------------------
 
     async def get_session_state(
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> SessionCacheState | None:
-        self._check_open()
-        try:
-            async with self._memory.use((namespace, session_id)):
-                return self._public_state(await self._memory.get(session_id, namespace, False))
-        except NotFoundError:
-            return None
+        async with self._call():
+            try:
+                return await self._retrying(
+                    (namespace, session_id),
+                    lambda: self._with_session(session_id, namespace, self._public_state),
+                )
+            except NotFoundError:
+                return None
+
+    async def _with_session(
+        self, session_id: str, namespace: str, view: Callable[[Session], T]
+    ) -> T:
+        return view(await self._memory.get(session_id, namespace, create=False))
 
     async def get_summary(
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> SessionSummary | None:
-        self._check_open()
-        row = await self._store.summary(await self._memory.key(session_id, namespace))
-        return _public_summary(row) if row else None
+        async with self._call():
+            row = await self._store.summary(await self._memory.key(session_id, namespace))
+            return _public_summary(row) if row else None
 
     async def get_conversation_history(
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> list[StoredMessage]:
         """Every stored message of the session, in order."""
-        self._check_open()
-        rows = await self._store.messages_between(await self._memory.key(session_id, namespace), -1)
-        return [
-            StoredMessage(
-                r.message_id,
-                r.position,
-                r.role,
-                r.content,
-                datetime.fromtimestamp(r.created_at, UTC),
-                json.loads(r.metadata) if r.metadata else None,
-            )
-            for r in rows
-        ]
+        async with self._call():
+            key = await self._memory.key(session_id, namespace)
+            rows = await self._store.messages_between(key, -1)
+            return [
+                StoredMessage(
+                    r.message_id,
+                    r.position,
+                    r.role,
+                    r.content,
+                    timestamp_to_datetime(r.created_at),
+                    json.loads(r.metadata) if r.metadata else None,
+                )
+                for r in rows
+            ]
 
     async def context_usage(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Tokens in the session's active cache."""
-        self._check_open()
-        async with self._memory.use((namespace, session_id)):
-            session = await self._memory.get(session_id, namespace, create=False)
-            return session.cache.token_count
+        async with self._call():
+            return await self._retrying(
+                (namespace, session_id),
+                lambda: self._with_session(session_id, namespace, lambda s: s.cache.token_count),
+            )
 
     async def get_active_cache(
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> list[ActiveEntry]:
         """The session's active cache in order: what the host's model currently sees."""
-        self._check_open()
-        async with self._memory.use((namespace, session_id)):
-            session = await self._memory.get(session_id, namespace, create=False)
-            return [
-                ActiveEntry(
-                    e.message_id,
-                    e.role,
-                    e.content,
-                    e.token_count,
-                    e.kv_bytes,
-                    e.entry_type,
-                    e.access_count,
-                )
-                for e in session.cache.entries
-            ]
+        async with self._call():
+            return await self._retrying(
+                (namespace, session_id),
+                lambda: self._with_session(session_id, namespace, _public_cache),
+            )
 
     async def list_sessions(self) -> list[SessionInfo]:
         """Every stored session, the most recently active first."""
-        self._check_open()
-        return [
-            SessionInfo(ns, sid, count, size, datetime.fromtimestamp(ts, UTC))
-            for ns, sid, count, size, ts in await self._store.list_sessions()
-        ]
+        async with self._call():
+            return [
+                SessionInfo(ns, sid, count, size, timestamp_to_datetime(ts))
+                for ns, sid, count, size, ts in await self._store.list_sessions()
+            ]
 
     # -- writing state ---------------------------------------------------------------------
 
     async def flush_to_database(
         self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE
     ) -> None:
-        """Persist the session's in-memory state (counters, cache statistics) now."""
-        self._check_open()
-        async with self._memory.use((namespace, session_id)):
+        """Persist the session's in-memory figures (its entries' access counts and
+        engagement) now; everything else is written as it changes."""
+        async with self._call(), self._memory.use((namespace, session_id)):
             session = self._sessions.get((namespace, session_id))
             if session is None:
                 await self._memory.key(session_id, namespace)
@@ -836,14 +951,16 @@ class KVCacheManager:
             await self._memory.flush(session)
 
     async def delete_session(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
-        """Remove a session and all derived from it; False if it did not exist."""
-        self._check_open()
-        async with self._memory.use((namespace, session_id)):
+        """Remove a session and all derived from it (its background summary is cancelled
+        and awaited first); False if it did not exist."""
+        async with self._call(), self._memory.use((namespace, session_id)):
             self._sessions.remove((namespace, session_id))
             try:
                 key = await self._memory.key(session_id, namespace)
             except NotFoundError:
                 return False
+            if self._summaries is not None:
+                await self._summaries.cancel(key)
             await self._store.delete_session(key)
             return True
 
@@ -851,27 +968,31 @@ class KVCacheManager:
 
     async def perform_maintenance(self) -> MaintenanceResult:
         """Flush and drop sessions idle past `idle_eviction_seconds`; prune old snapshots."""
-        self._check_open()
-        started = time.perf_counter()
-        evicted, errors = await self._memory.evict_idle()
-        pruned = 0
-        strategy = self._config.snapshot_strategy
-        if isinstance(strategy, (IncrementalSnapshots, AdaptiveSnapshots)):
-            try:
-                pruned = await self._store.prune_snapshots(strategy.max_snapshots)
-            except TierMemError as exc:
-                errors.append(f"pruning snapshots: {exc}")
-        duration_ms = (time.perf_counter() - started) * 1000
-        self._telemetry.emit(MaintenanceEvent(evicted, pruned, len(errors), duration_ms))
-        return MaintenanceResult(evicted, pruned, errors, duration_ms)
+        async with self._call():
+            started = time.perf_counter()
+            evicted, errors = await self._memory.evict_idle()
+            pruned = 0
+            strategy = self._config.snapshot_strategy
+            if isinstance(strategy, (IncrementalSnapshots, AdaptiveSnapshots)):
+                try:
+                    pruned = await self._store.prune_snapshots(strategy.max_snapshots)
+                except TierMemError as exc:
+                    errors.append(f"pruning snapshots: {exc}")
+            duration_ms = (time.perf_counter() - started) * 1000
+            self._telemetry.emit(MaintenanceEvent(evicted, pruned, len(errors), duration_ms))
+            return MaintenanceResult(evicted, pruned, errors, duration_ms)
 
     async def run_maintenance(self, interval_seconds: float = 300.0) -> None:
-        """Run `perform_maintenance` every `interval_seconds` until cancelled."""
-        if interval_seconds <= 0:
+        """Run `perform_maintenance` every `interval_seconds` until cancelled or closed."""
+        interval = _seconds("interval_seconds", interval_seconds)
+        if interval <= 0:
             raise InvalidInputError("interval_seconds must be positive")
-        while not self._closed:
-            await self.perform_maintenance()
-            await anyio.sleep(interval_seconds)
+        while not self._closing:
+            try:
+                await self.perform_maintenance()
+            except ManagerClosedError:
+                return
+            await anyio.sleep(interval)
 
     def export_statistics(self) -> CacheStatisticsExport:
         return self._stats.export(active_sessions=len(self._sessions))
@@ -881,52 +1002,52 @@ class KVCacheManager:
 
     async def status(self) -> ManagerStatus:
         """Memory, budget and eviction figures, and the models' state."""
-        self._check_open()
-        models: dict[str, Any] = {
-            **self._pool.stats(),
-            "embedding": {
-                "name": self._embedder.model_name,
-                "dimensions": self._embedder.dimensions,
-                "loaded": bool(getattr(self._embedder, "loaded", True)),
-            },
-            "kv_bytes_per_token": self._kv_shape.bytes_per_token,
-            "context_tokens": self._context_tokens,
-            "summarizer": type(self._summarizer).__name__ if self._summarizer else None,
-            "summaries_pending": self._summaries.pending if self._summaries else 0,
-        }
-        memory = self._memory
-        return ManagerStatus(
-            estimated_bytes=self._sessions.kv_bytes,
-            budget_bytes=self._config.max_bytes_total,
-            peak_bytes=max(memory.peak_bytes, self._sessions.kv_bytes),
-            session_count=len(self._sessions),
-            total_entries=self._sessions.entries,
-            evictions_by_reason=dict(memory.evictions),
-            hits=memory.hits,
-            misses=memory.misses,
-            rss_bytes=psutil.Process().memory_info().rss,
-            models=models,
-        )
+        async with self._call():
+            models: dict[str, Any] = {
+                **self._pool.stats(),
+                "embedding": {
+                    "name": self._embedder.model_name,
+                    "dimensions": self._embedder.dimensions,
+                    "loaded": bool(getattr(self._embedder, "loaded", True)),
+                },
+                "kv_bytes_per_token": self._kv_shape.bytes_per_token,
+                "context_tokens": self._context_tokens,
+                "summarizer": type(self._summarizer).__name__ if self._summarizer else None,
+                "summaries_pending": self._summaries.pending if self._summaries else 0,
+            }
+            memory = self._memory
+            return ManagerStatus(
+                estimated_bytes=self._sessions.kv_bytes,
+                budget_bytes=self._config.max_bytes_total,
+                peak_bytes=max(memory.peak_bytes, self._sessions.kv_bytes),
+                session_count=len(self._sessions),
+                total_entries=self._sessions.entries,
+                evictions_by_reason=dict(memory.evictions),
+                hits=memory.hits,
+                misses=memory.misses,
+                rss_bytes=psutil.Process().memory_info().rss,
+                models=models,
+            )
 
     async def storage_status(self) -> dict[str, int]:
         """What the database holds: sessions, messages, snapshots and summaries, and the
         bytes of its files (the WAL included)."""
-        self._check_open()
-        counts = await self._store.counts(
-            ("sessions", "messages", "kv_snapshots", "session_summaries")
-        )
-        file_bytes = 0
-        for suffix in ("", "-wal"):
-            file = anyio.Path(self._store.path + suffix)
-            if await file.exists():
-                file_bytes += (await file.stat()).st_size
-        return {
-            "sessions": counts["sessions"],
-            "messages": counts["messages"],
-            "snapshots": counts["kv_snapshots"],
-            "summaries": counts["session_summaries"],
-            "file_bytes": file_bytes,
-        }
+        async with self._call():
+            counts = await self._store.counts(
+                ("sessions", "messages", "kv_snapshots", "session_summaries")
+            )
+            file_bytes = 0
+            for suffix in ("", "-wal"):
+                file = anyio.Path(self._store.path + suffix)
+                if await file.exists():
+                    file_bytes += (await file.stat()).st_size
+            return {
+                "sessions": counts["sessions"],
+                "messages": counts["messages"],
+                "snapshots": counts["kv_snapshots"],
+                "summaries": counts["session_summaries"],
+                "file_bytes": file_bytes,
+            }
 
     def _public_state(self, session: Session) -> SessionCacheState:
         s = session.state
@@ -940,10 +1061,10 @@ class KVCacheManager:
             token_count=session.cache.token_count,
             message_count=s.message_count,
             last_cleared_at=(
-                datetime.fromtimestamp(s.last_cleared_at, UTC) if s.last_cleared_at else None
+                timestamp_to_datetime(s.last_cleared_at) if s.last_cleared_at else None
             ),
             last_snapshot_id=s.last_snapshot_id,
-            last_activity=datetime.fromtimestamp(session.last_activity, UTC),
+            last_activity=timestamp_to_datetime(session.last_activity),
         )
 
 
@@ -953,5 +1074,35 @@ def _public_summary(row: SummaryRow) -> SessionSummary:
         clear_count=row.clear_count,
         token_count=row.token_count,
         message_count=row.message_count,
-        updated_at=datetime.fromtimestamp(row.updated_at, UTC),
+        updated_at=timestamp_to_datetime(row.updated_at),
     )
+
+
+def _public_snapshot(row: Sequence[Any]) -> SnapshotInfo:
+    snapshot_id, reason, entry_count, size_bytes, created_at = row
+    return SnapshotInfo(
+        int(snapshot_id),
+        reason,
+        int(entry_count),
+        int(size_bytes),
+        timestamp_to_datetime(created_at),
+    )
+
+
+def _public_cache(session: Session) -> list[ActiveEntry]:
+    return [
+        ActiveEntry(
+            e.message_id, e.role, e.content, e.token_count, e.kv_bytes, e.entry_type, e.access_count
+        )
+        for e in session.cache.entries
+    ]
+
+
+def _seconds(what: str, value: object) -> float:
+    """A finite, non-negative number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInputError(f"{what} must be a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidInputError(f"{what} must be a finite, non-negative number of seconds")
+    return seconds

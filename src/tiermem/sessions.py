@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import anyio
+
 from . import budgets
-from .cache import ActiveCache
+from .cache import ActiveCache, CacheEntry
 from .config import KVCacheConfig
 from .errors import InvalidInputError, NotFoundError, TierMemError
 from .intake import Intake, check_name
@@ -41,14 +43,13 @@ class Session:
     def ident(self) -> Ident:
         return (self.namespace, self.session_id)
 
-    def persistent_state(self) -> StateRow:
-        """The state to save, with the active entries' current statistics."""
-        self.state.entry_stats = {
+    def stats_of(self, entries: Iterable[CacheEntry]) -> dict[str, list[float]]:
+        """The access counts and engagement of `entries`, as the state keeps them."""
+        return {
             str(e.rowid): [e.access_count, round(e.engagement, 4)]
-            for e in self.cache.entries
+            for e in entries
             if e.access_count or e.engagement > 1e-3
         }
-        return self.state
 
 
 class Sessions:
@@ -125,28 +126,38 @@ class SessionMemory:
         """Hold a session's lock for one call; then, if sessions in use kept the manager
         over its budget, let the least recently used leave now that they can.
 
-        A call cut short (cancelled, or failed past its input checks) may leave the session
-        in memory out of step with the database, where every change is one transaction,
-        whole or absent: the session leaves memory unflushed, and the next call rebuilds
-        it from the database."""
+        A session in memory changes only once its writes committed, but a call cut short
+        (cancelled, failed, or beaten by another process) may still leave it out of step
+        with the database: it leaves memory, and the next call rebuilds it from the
+        database. A session this call created that holds nothing yet is removed again."""
         async with self.sessions.locks.hold(ident):
             try:
                 yield
             except (InvalidInputError, NotFoundError):
                 raise  # refused before anything changed
             except BaseException:
-                self.sessions.remove(ident)
+                session = self.sessions.remove(ident)
+                if session is not None and session.state.version == 0:
+                    with anyio.CancelScope(shield=True):
+                        await self._store.delete_if_unused(session.key)
                 raise
         await self.hold_budget()
 
     async def get(self, session_id: str, namespace: str, create: bool) -> Session:
-        """The session in memory (the caller holds its lock), rebuilt from the database if
-        it left memory; sessions used least recently leave if the budget needs room."""
+        """The session in memory (the caller holds its lock), checked against the database
+        (another process may have changed or deleted it) and rebuilt from it if it left
+        memory or is stale; sessions used least recently leave if the budget needs room."""
         ident = (namespace, session_id)
         session = self.sessions.use(ident)
         if session is not None:
-            self.hits += 1
-            return session
+            current = await self._store.session_version(session.key)
+            if current is not None and current[0] == session.state.version:
+                covered = session.summary.covered_through if session.summary else -1
+                if current[1] != covered:  # another process wrote the summary
+                    session.summary = await self._store.summary(session.key)
+                self.hits += 1
+                return session
+            self.sessions.remove(ident)
         key = await self._stored_key(session_id, namespace, missing_ok=create)
         if key is None:
             key = await self._store.create_session(namespace, session_id)
@@ -169,10 +180,8 @@ class SessionMemory:
         return session
 
     async def key(self, session_id: str, namespace: str) -> int:
-        """The session's database key, whether or not it is in memory."""
-        session = self.sessions.get((namespace, session_id))
-        if session is not None:
-            return session.key
+        """The session's database key, whether or not it is in memory (read from the
+        database: another process may have deleted the session)."""
         key = await self._stored_key(session_id, namespace, missing_ok=False)
         assert key is not None
         return key
@@ -250,7 +259,13 @@ class SessionMemory:
         return True
 
     async def flush(self, session: Session) -> None:
-        await self._store.save_state(session.key, session.persistent_state())
+        """Write the figures kept only in memory (entry access counts and engagement);
+        dropped if another process changed the session since (its state is newer)."""
+        stats = session.stats_of(session.cache.entries)
+        if stats != (session.state.entry_stats or {}) and await self._store.save_entry_stats(
+            session.key, session.state.version, stats
+        ):
+            session.state.entry_stats = stats
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.sessions.kv_bytes)

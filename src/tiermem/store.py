@@ -19,6 +19,7 @@ cancelled write rolls back, shielded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -73,8 +74,15 @@ class NewMessage:
     token_count: int
 
 
+class StaleSession(StorageError):
+    """The session changed in the database (another process wrote it, or deleted it) since
+    this copy was read: the caller reloads it and tries again, never overwrites."""
+
+
 @dataclass(slots=True)
 class StateRow:
+    """A session's persistent state; `version` moves on with every write of it."""
+
     conversation_count: int = 0
     clear_count: int = 0
     message_count: int = 0
@@ -84,6 +92,15 @@ class StateRow:
     prefix_digest: str = ""
     last_cleared_at: float | None = None
     last_snapshot_id: int | None = None
+    version: int = 0
+
+    def copy(self) -> StateRow:
+        """A copy to change: the session's own state changes only once a write committed."""
+        return dataclasses.replace(
+            self,
+            pinned=list(self.pinned or []),
+            entry_stats=dict(self.entry_stats or {}),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +417,7 @@ class SQLiteStore:
     async def load_state(self, key: int) -> StateRow:
         row = await self._read_one(
             "SELECT conversation_count, clear_count, message_count, cleared_through, pinned, "
-            "entry_stats, prefix_digest, last_cleared_at, last_snapshot_id "
+            "entry_stats, prefix_digest, last_cleared_at, last_snapshot_id, version "
             "FROM session_state WHERE session_key = ?",
             (key,),
         )
@@ -416,15 +433,29 @@ class SQLiteStore:
             prefix_digest=row[6],
             last_cleared_at=row[7],
             last_snapshot_id=row[8],
+            version=row[9],
         )
 
     @staticmethod
+    async def _claim(db: aiosqlite.Connection, key: int, version: int) -> None:
+        """Inside a write transaction (which holds the database's write lock): refuse with
+        `StaleSession` unless the session is still there at `version`."""
+        async with db.execute(
+            "SELECT version FROM session_state WHERE session_key = ?", (key,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None or int(row[0]) != version:
+            raise StaleSession(f"session {key} changed since it was read")
+
+    @staticmethod
     async def _write_state(db: aiosqlite.Connection, key: int, state: StateRow) -> None:
+        """Write `state` (claimed at `state.version`) and move its version on."""
         now = time.time()
         await db.execute(
             "UPDATE session_state SET conversation_count = ?, clear_count = ?, message_count = ?,"
             " cleared_through = ?, pinned = ?, entry_stats = ?, prefix_digest = ?,"
-            " last_cleared_at = ?, last_snapshot_id = ?, updated_at = ? WHERE session_key = ?",
+            " last_cleared_at = ?, last_snapshot_id = ?, updated_at = ?, version = version + 1"
+            " WHERE session_key = ? AND version = ?",
             (
                 state.conversation_count,
                 state.clear_count,
@@ -437,13 +468,49 @@ class SQLiteStore:
                 state.last_snapshot_id,
                 now,
                 key,
+                state.version,
             ),
         )
         await db.execute("UPDATE sessions SET last_activity = ? WHERE id = ?", (now, key))
+        state.version += 1
 
     async def save_state(self, key: int, state: StateRow) -> None:
+        """Write the session's state if it is still at `state.version` (else `StaleSession`);
+        `state.version` moves on."""
         async with self.transaction() as db:
+            await self._claim(db, key, state.version)
             await self._write_state(db, key, state)
+
+    async def save_entry_stats(self, key: int, version: int, stats: dict[str, list[float]]) -> bool:
+        """The active entries' access counts and engagement, soft figures that do not move the
+        version; written only over the same version (a stale copy's are dropped)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE session_state SET entry_stats = ? WHERE session_key = ? AND version = ?",
+                (json.dumps(stats), key, version),
+            )
+            return bool(cursor.rowcount)
+
+    async def session_version(self, key: int) -> tuple[int, int] | None:
+        """(state version, the summary's covered_through or -1), or None once deleted: what
+        a process checks its copy of the session against before using it."""
+        row = await self._read_one(
+            "SELECT st.version, COALESCE(su.covered_through, -1) FROM session_state st "
+            "LEFT JOIN session_summaries su ON su.session_key = st.session_key "
+            "WHERE st.session_key = ?",
+            (key,),
+        )
+        return (int(row[0]), int(row[1])) if row else None
+
+    async def delete_if_unused(self, key: int) -> None:
+        """Remove a session that was created but never written (a first call that failed)."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM sessions WHERE id = ? AND NOT EXISTS (SELECT 1 FROM messages "
+                "WHERE session_key = ?) AND (SELECT version FROM session_state "
+                "WHERE session_key = ?) = 0",
+                (key, key, key),
+            )
 
     async def delete_session(self, key: int) -> None:
         """Remove the session and everything derived from it, vectors included."""
@@ -486,6 +553,7 @@ class SQLiteStore:
         """Store messages, their FTS rows and vectors, and the session's state: one transaction."""
         rowids: list[int] = []
         async with self.transaction() as db:
+            await self._claim(db, key, state.version)
             for i, m in enumerate(messages):
                 cursor = await db.execute(
                     "INSERT INTO messages(session_key, position, message_id, role, content,"
@@ -588,15 +656,6 @@ class SQLiteStore:
         )
         return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
 
-    async def mark_retrieved(self, rowids: Sequence[int]) -> None:
-        if rowids:
-            async with self.transaction() as db:
-                await db.execute(
-                    "UPDATE messages SET retrieval_count = retrieval_count + 1 WHERE id IN "
-                    "(SELECT value FROM json_each(?))",
-                    (_ids_json(rowids),),
-                )
-
     # -- search ----------------------------------------------------------------------------
 
     async def lexical_search(
@@ -691,6 +750,7 @@ class SQLiteStore:
         """A clear: the snapshot (row, entries, their vectors) and the new state, atomically."""
         snapshot_id = None
         async with self.transaction() as db:
+            await self._claim(db, key, state.version)
             if snapshot is not None:
                 reason, strategy, entries = snapshot
                 cursor = await db.execute(
@@ -731,8 +791,11 @@ class SQLiteStore:
             (key,),
         )
 
-    async def snapshot_entries(self, key: int, snapshot_id: int) -> list[SnapshotEntryRow] | None:
-        """The entries of one of the session's snapshots, or None if it has no such snapshot."""
+    async def snapshot_entries(
+        self, key: int, snapshot_id: int
+    ) -> tuple[float, list[SnapshotEntryRow]] | None:
+        """When one of the session's snapshots was taken, and its entries; None if the
+        session has no such snapshot."""
         owner = await self._read_one(
             "SELECT created_at FROM kv_snapshots WHERE id = ? AND session_key = ?",
             (snapshot_id, key),
@@ -744,7 +807,7 @@ class SQLiteStore:
             "WHERE snapshot_id = ? ORDER BY id",
             (snapshot_id,),
         )
-        return [SnapshotEntryRow(*r) for r in rows]
+        return float(owner[0]), [SnapshotEntryRow(*r) for r in rows]
 
     async def snapshot_message_rowids(self, key: int) -> list[int]:
         rows = await self._read_all(
@@ -785,15 +848,23 @@ class SQLiteStore:
         )
         return SummaryRow(*row) if row else None
 
-    async def save_summary(self, key: int, summary: SummaryRow) -> None:
+    async def save_summary(self, key: int, summary: SummaryRow) -> bool:
+        """Store the summary of session `key` if it still exists and the summary covers more
+        than the stored one; False otherwise (deleted meanwhile, or another process wrote
+        this clear's summary first). Session keys are never reused, so a summary can only
+        land in the session it was computed for."""
         async with self.transaction() as db:
-            await db.execute(
+            async with db.execute("SELECT 1 FROM sessions WHERE id = ?", (key,)) as cursor:
+                if await cursor.fetchone() is None:
+                    return False
+            cursor = await db.execute(
                 "INSERT INTO session_summaries(session_key, text, token_count, message_count,"
                 " clear_count, covered_through, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(session_key) DO UPDATE SET text = excluded.text,"
                 " token_count = excluded.token_count, message_count = excluded.message_count,"
                 " clear_count = excluded.clear_count, covered_through = excluded.covered_through,"
-                " updated_at = excluded.updated_at",
+                " updated_at = excluded.updated_at"
+                " WHERE excluded.covered_through > session_summaries.covered_through",
                 (
                     key,
                     summary.text,
@@ -804,6 +875,7 @@ class SQLiteStore:
                     summary.updated_at,
                 ),
             )
+            return bool(cursor.rowcount)
 
     # -- introspection (tests, status) -----------------------------------------------------
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -57,13 +57,12 @@ class SummaryKeeper:
         self._summarizer = summarizer
         self._clock = clock
         self._locks = KeyedLocks[int]()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._scopes: set[anyio.CancelScope] = set()
+        self._jobs: dict[int, _Job] = {}
 
     @property
     def pending(self) -> int:
-        """Background updates scheduled or running."""
-        return len(self._tasks)
+        """Sessions with a background update scheduled or running."""
+        return len(self._jobs)
 
     def due(self, covered_through: int, through: int) -> bool:
         return through - covered_through >= MIN_SUMMARY_MESSAGES
@@ -95,8 +94,9 @@ class SummaryKeeper:
             started = time.perf_counter()
             try:
                 result = await self._summarizer.summarize(prior.text if prior else None, lines)
-            except TierMemError as exc:
-                return SummaryOutcome(None, str(exc), _ms_since(started), len(lines))
+            except Exception as exc:  # any failure of the summarizer is the summary's only
+                reason = str(exc) if isinstance(exc, TierMemError) else repr(exc)
+                return SummaryOutcome(None, reason, _ms_since(started), len(lines))
             row = SummaryRow(
                 text=result.text,
                 token_count=result.token_count,
@@ -105,52 +105,65 @@ class SummaryKeeper:
                 covered_through=through,
                 updated_at=self._clock(),
             )
-            await self._store.save_summary(key, row)
+            if not await self._store.save_summary(key, row):
+                # deleted meanwhile, or another process summarized this clear first
+                return SummaryOutcome(await self._store.summary(key))
             return SummaryOutcome(row, None, _ms_since(started), len(lines))
 
     def schedule(self, key: int, done: Callable[[SummaryOutcome], None]) -> None:
-        """Run `update` up to the session's last clear in the background; `done` gets its
-        outcome (on the event loop)."""
-        task = asyncio.get_running_loop().create_task(
-            self._background(key, lambda: self.update(key), done),
-            name=f"tiermem-summary-{key}",
+        """Bring the session's summary up to its last clear in the background; `done` gets
+        each outcome (on the event loop). At most one update per session is pending: a
+        clear while one runs makes it go once more when it ends (reading the state then)."""
+        job = self._jobs.get(key)
+        if job is not None:
+            job.again = True
+            return
+        job = self._jobs[key] = _Job(anyio.CancelScope())
+        job.task = asyncio.get_running_loop().create_task(
+            self._background(key, job, done), name=f"tiermem-summary-{key}"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+    async def cancel(self, key: int) -> None:
+        """Cancel the session's background update, and wait until it has stopped."""
+        job = self._jobs.get(key)
+        if job is not None and job.task is not None:
+            job.scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({job.task})
 
     async def _background(
-        self,
-        key: int,
-        update: Callable[[], Awaitable[SummaryOutcome]],
-        done: Callable[[SummaryOutcome], None],
+        self, key: int, job: _Job, done: Callable[[SummaryOutcome], None]
     ) -> None:
         # cancelled through anyio (see `aclose`), not `Task.cancel()`: anyio's cancellation
         # waits for a model call running in a worker thread to return, while a native one
         # would leave it running on a model about to be closed
-        scope = anyio.CancelScope()
-        self._scopes.add(scope)
         try:
-            with scope:
-                outcome = await update()
-        except TierMemError as exc:
-            outcome = SummaryOutcome(None, str(exc))
-        except Exception:
-            log.exception("background summary of session %s failed", key)
-            return
+            while True:
+                job.again = False
+                try:
+                    with job.scope:
+                        outcome = await self.update(key)
+                except TierMemError as exc:
+                    outcome = SummaryOutcome(None, str(exc))
+                except Exception:
+                    log.exception("background summary of session %s failed", key)
+                    return
+                if job.scope.cancel_called:  # deleted or shutting down: the span stays pending
+                    return
+                if outcome.error:
+                    log.warning("summary of session %s failed: %s", key, outcome.error)
+                done(outcome)
+                if not job.again:
+                    return
         finally:
-            self._scopes.discard(scope)
-        if scope.cancel_called:  # shutting down: the span stays pending
-            return
-        if outcome.error:
-            log.warning("summary of session %s failed: %s", key, outcome.error)
-        done(outcome)
+            del self._jobs[key]
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until no background update is left; False if `timeout` passed first."""
         with anyio.move_on_after(timeout):
-            while self._tasks:
-                await asyncio.wait(set(self._tasks))
-        return not self._tasks
+            while self._jobs:
+                await asyncio.wait({j.task for j in self._jobs.values() if j.task is not None})
+        return not self._jobs
 
     async def aclose(self, wait_seconds: float, stop: Callable[[], None]) -> int:
         """Wait up to `wait_seconds` for background updates, then `stop` the model and cancel
@@ -159,11 +172,22 @@ class SummaryKeeper:
         with anyio.CancelScope(shield=True):
             if not await self.wait(wait_seconds):
                 stop()
-                left = set(self._tasks)
-                for scope in list(self._scopes):
-                    scope.cancel()
+                jobs = list(self._jobs.values())
+                left = {j.task for j in jobs if j.task is not None}
+                for job in jobs:
+                    job.scope.cancel()
                 await asyncio.wait(left)
         return len(left)
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    """A session's background update: its task, the scope that cancels it, and whether
+    another clear came while it ran."""
+
+    scope: anyio.CancelScope
+    task: asyncio.Task[None] | None = None
+    again: bool = False
 
 
 def _ms_since(started: float) -> float:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import InvalidInputError
@@ -27,7 +28,7 @@ class Message:
     created_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
+        if not isinstance(self.role, str) or self.role not in ROLES:
             raise InvalidInputError(
                 f"unknown role {self.role!r}; expected one of {', '.join(sorted(ROLES))}"
             )
@@ -35,6 +36,28 @@ class Message:
             raise InvalidInputError(f"content must be str, not {type(self.content).__name__}")
         if self.id is not None and (not isinstance(self.id, str) or not self.id):
             raise InvalidInputError("id must be a non-empty string or None")
+        if self.metadata is not None and not isinstance(self.metadata, Mapping):
+            raise InvalidInputError(
+                f"metadata must be a mapping or None, not {type(self.metadata).__name__}"
+            )
+        if self.created_at is not None and not isinstance(self.created_at, datetime):
+            raise InvalidInputError(
+                f"created_at must be a datetime or None, not {type(self.created_at).__name__}"
+            )
+
+
+def timestamp_to_datetime(seconds: float) -> datetime:
+    """A stored POSIX time as an aware UTC datetime, clamped to what datetime can hold
+    (a float near year 9999 or year 1 may round past either end)."""
+    low, high = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+    if not math.isfinite(seconds) or seconds <= low.timestamp():
+        return high if seconds == math.inf else low
+    if seconds >= high.timestamp():
+        return high
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError):
+        return high if seconds > 0 else low
 
 
 class ClearReason(enum.StrEnum):
@@ -160,6 +183,8 @@ class CacheProcessingResult:
     # entries that left the active cache to keep it within the context window
     # (context_overflow="sliding_window"); they stay in the history (tier 3)
     slid_out_message_ids: list[str] = field(default_factory=list)
+    # the turn was stored (and cleared, if due) but its retrieval failed: why
+    retrieval_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
