@@ -104,7 +104,7 @@ async def chat(request: Request) -> JSONResponse:
     ):
         raise HTTPException(422, "messages must be a list of {role, content} string objects")
     # Message checks the role's value and the id (InvalidInputError, a 422, when wrong)
-    messages = [tiermem.Message(m.get("role"), m.get("content"), m.get("id")) for m in raw]
+    messages = [tiermem.Message(m["role"], m["content"], m.get("id")) for m in raw]
     if not messages or messages[-1].role != "user" or not messages[-1].content.strip():
         raise HTTPException(422, "messages must end with the user's new message")
     result = await mgr.process_conversation(sid, messages, namespace=ns)
@@ -219,8 +219,9 @@ def answered(endpoint: Endpoint) -> Endpoint:
 
 
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    headers = None
     if isinstance(exc, HTTPException):
-        status, reason = exc.status_code, exc.detail
+        status, reason, headers = exc.status_code, exc.detail, exc.headers
     else:
         status, told = next((s, r) for kind, s, r in ERRORS if isinstance(exc, kind))
         if told is None:
@@ -228,4 +229,5 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
         else:
             reason = told
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"error": " ".join(reason.split())[:300]}, status_code=status)
+    one_line = " ".join(reason.split())[:300]  # it may quote what the client sent
+    return JSONResponse({"error": one_line}, status_code=status, headers=headers)

@@ -228,7 +228,9 @@ def test_bad_names_on_the_other_routes_get_a_reason(shared_client: TestClient) -
     assert_reason(shared_client.delete("/sessions/s1", params={"namespace": " "}), 422)
     assert_reason(shared_client.get("/sessions/s1/summary"), 404)
     assert_reason(shared_client.get("/no/such/route"), 404)
-    assert_reason(shared_client.put("/chat", json=msg()), 405)
+    wrong_method = shared_client.put("/chat", json=msg())
+    assert_reason(wrong_method, 405)
+    assert wrong_method.headers["allow"] == "POST"
 
 
 # -- library errors ----------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def write_locked(db: Path) -> Iterator[None]:
 
 def test_a_storage_error_is_503_and_does_not_show_the_database_path(tmp_path: Path) -> None:
     db = tmp_path / "chat.db"
-    with TestClient(fake_app(tmp_path, CONFIG.replace(busy_timeout_ms=0))) as client:
+    with TestClient(fake_app(tmp_path, CONFIG.replace(busy_timeout_ms=100))) as client:
         assert client.post("/chat", json=turn("hello")).status_code == 200
         with write_locked(db):
             refused = [
@@ -411,7 +413,7 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(
 
 
 def test_over_a_real_server_a_large_upload_is_413(tmp_path: Path) -> None:
-    megabytes = (b" " * 2**20 for _ in range(50))
+    megabytes = (b" " * 2**20 for _ in range(16))
     with (
         serving(fake_app(tmp_path, max_body_bytes=4096)) as url,
         httpx.Client(base_url=url) as client,
