@@ -185,13 +185,9 @@ def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClie
         yield client
 
 
-# tiermem lets a lone surrogate through in names and ids, and sqlite's UTF-8 encoding
-# then raises UnicodeEncodeError (a 500 here) where InvalidInputError belongs
-LIBRARY_BUG = pytest.mark.xfail(
-    strict=True, reason="tiermem: lone surrogates in names and ids are not InvalidInputError"
-)
+# a lone surrogate in a name or an id is the library's InvalidInputError: 422
 SURROGATES = [
-    pytest.param(body, 422, id=f"{name} with a lone surrogate", marks=LIBRARY_BUG)
+    pytest.param(body, 422, id=f"{name} with a lone surrogate")
     for name, body in {
         "session_id": b'{"session_id": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
         "namespace": b'{"namespace": "\\ud800", "session_id": "s1", "messages": '
