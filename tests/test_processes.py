@@ -1,0 +1,181 @@
+"""Several worker processes on one file, as under `uvicorn --workers N`: 4 workers run 2,000
+turns over shared and private sessions of two namespaces while one of them is SIGKILLed at
+random moments and restarted. Afterwards the file is whole, every acknowledged message is
+stored once in its own session, counters agree with the histories, every worker's view
+equals the file, and no tenant's text reached another tenant."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pysqlite3.dbapi2 as sqlite3
+import pytest
+import sqlite_vec
+
+import tiermem
+from tests.conftest import SHAPE
+from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
+
+ROOT = Path(__file__).parent.parent
+WORKERS = 4
+TURNS = 500  # per worker: 2,000 in all
+CLEAR_AFTER = 7
+SHARED = [("tenant-a", "shared-0"), ("tenant-b", "shared-1"), ("tenant-a", "shared-2")]
+
+
+def plan(worker: int) -> list[tuple[str, str]]:
+    """The (namespace, session) of each of a worker's turns: half shared, half private."""
+    rng = random.Random(worker)
+    own = ("tenant-a" if worker % 2 else "tenant-b", f"private-{worker}")
+    return [rng.choice(SHARED) if rng.random() < 0.5 else own for _ in range(TURNS)]
+
+
+# runs a worker's plan from its first unacknowledged turn; an acknowledgement is a line
+# in the worker's log written after the call returned; then, once every worker is done,
+# writes what it sees of every session
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, {root!r})
+    import anyio, tiermem
+    from tests.conftest import SHAPE
+    from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
+    from tests.test_processes import CLEAR_AFTER, SHARED, WORKERS, plan
+
+    async def main(folder, worker):
+        folder = os.path.abspath(folder)
+        log = os.path.join(folder, f"acks-{{worker}}")
+        done = len(open(log).read().split()) if os.path.exists(log) else 0
+        config = tiermem.KVCacheConfig(
+            kv_shape=SHAPE, summary_mode="inline", clear_after_conversations=CLEAR_AFTER,
+            busy_timeout_ms=60_000)
+        mgr = await tiermem.KVCacheManager.open(
+            os.path.join(folder, "shared.db"), config, embedder=HashingEmbedder(),
+            summarizer=RecordingSummarizer(), tokenizer=WordCounter())
+        leaks = 0
+        with open(log, "a") as acks:
+            for turn, (ns, sid) in enumerate(plan(worker)):
+                if turn < done:
+                    continue
+                text = f"{{ns}} keeps secret {{worker}}x{{turn}} in {{sid}}"
+                await mgr.process_conversation(
+                    sid, [tiermem.Message("user", text, id=f"w{{worker}}-t{{turn}}")],
+                    namespace=ns)
+                acks.write(f"{{turn}}\\n")
+                acks.flush()
+                if turn % 25 == 0:
+                    hits = await mgr.retrieve_context(sid, "which secret?", namespace=ns)
+                    leaks += sum(not h.text.startswith(ns + " ") for h in hits.entries)
+        open(os.path.join(folder, f"done-{{worker}}"), "w").write(str(leaks))
+        while not all(os.path.exists(os.path.join(folder, f"done-{{w}}"))
+                      for w in range(WORKERS)):
+            time.sleep(0.05)
+        sessions = set(SHARED) | {{(ns, sid) for w in range(WORKERS) for ns, sid in plan(w)}}
+        view = {{}}
+        for ns, sid in sorted(sessions):
+            state = await mgr.get_session_state(sid, namespace=ns)
+            history = await mgr.get_conversation_history(sid, namespace=ns)
+            view[f"{{ns}}/{{sid}}"] = [
+                state.message_count, state.conversation_count, state.clear_count,
+                [m.id for m in history]]
+        await mgr.aclose()
+        open(os.path.join(folder, f"view-{{worker}}"), "w").write(json.dumps(view))
+
+    anyio.run(main, sys.argv[1], int(sys.argv[2]))
+    """
+).format(root=str(ROOT))
+
+
+def start(folder: Path, worker: int) -> subprocess.Popen[bytes]:
+    with open(folder / f"stderr-{worker}", "ab") as err:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(folder), str(worker)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+async def file_view(folder: Path) -> dict[str, list[object]]:
+    async with await tiermem.KVCacheManager.open(
+        folder / "shared.db",
+        tiermem.KVCacheConfig(kv_shape=SHAPE, summary_mode="inline"),
+        embedder=HashingEmbedder(),
+        summarizer=RecordingSummarizer(),
+        tokenizer=WordCounter(),
+    ) as mgr:
+        view: dict[str, list[object]] = {}
+        for info in await mgr.list_sessions():
+            state = await mgr.get_session_state(info.session_id, namespace=info.namespace)
+            history = await mgr.get_conversation_history(info.session_id, namespace=info.namespace)
+            assert state is not None
+            view[f"{info.namespace}/{info.session_id}"] = [
+                state.message_count,
+                state.conversation_count,
+                state.clear_count,
+                [m.id for m in history],
+            ]
+        return view
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    workers = {w: start(tmp_path, w) for w in range(WORKERS)}
+    kills = 0
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in workers.values()) and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.5, 2.5))
+        alive = [w for w, p in workers.items() if p.poll() is None]
+        unfinished = [w for w in alive if not (tmp_path / f"done-{w}").exists()]
+        if kills < 8 and unfinished:
+            victim = rng.choice(unfinished)
+            workers[victim].send_signal(signal.SIGKILL)
+            workers[victim].wait()
+            kills += 1
+            workers[victim] = start(tmp_path, victim)
+    for w, p in workers.items():
+        p.wait(timeout=120)
+        err = (tmp_path / f"stderr-{w}").read_text()
+        assert p.returncode == 0, f"worker {w} failed:\n{err[-3000:]}"
+    assert kills >= 4
+
+    conn = sqlite3.connect(str(tmp_path / "shared.db"))
+    conn.enable_load_extension(True)
+    sqlite_vec.load(conn)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+    truth = anyio.run(file_view, tmp_path)
+    expected: dict[str, list[str]] = {}
+    for w in range(WORKERS):
+        for turn, (ns, sid) in enumerate(plan(w)):
+            expected.setdefault(f"{ns}/{sid}", []).append(f"w{w}-t{turn}")
+    assert set(truth) == set(expected)
+    for name, (messages, turns, clears, ids) in truth.items():
+        assert isinstance(ids, list)
+        # every turn was acknowledged in the end (a killed one was sent again): each
+        # message is stored exactly once, in its own session
+        assert sorted(ids) == sorted(expected[name]), name
+        assert messages == len(ids)
+        # every turn was counted and every clear seen: the count never passed the limit
+        assert isinstance(turns, int) and 0 <= turns < CLEAR_AFTER
+        # (turns racing a clear in another process are absorbed by it: at most 2x)
+        assert isinstance(clears, int) and clears >= len(ids) // (2 * CLEAR_AFTER)
+    for w in range(WORKERS):
+        assert json.loads((tmp_path / f"view-{w}").read_text()) == truth, f"worker {w}"
+        assert (tmp_path / f"done-{w}").read_text() == "0", f"worker {w} saw another tenant"
+    # no message text of one namespace is stored under the other
+    conn = sqlite3.connect(str(tmp_path / "shared.db"))
+    crossed = conn.execute(
+        "SELECT COUNT(*) FROM messages m JOIN sessions s ON s.id = m.session_key "
+        "WHERE m.content NOT LIKE s.namespace || ' keeps secret %'"
+    ).fetchone()[0]
+    conn.close()
+    assert crossed == 0
