@@ -179,6 +179,20 @@ class KVCacheManager:
         Events go to `telemetry` (default: `LoggingTelemetry`, records on the
         `tiermem.events` logger).
         """
+        with map_errors():
+            return await cls._open(path, config, embedder, summarizer, tokenizer, clock, telemetry)
+
+    @classmethod
+    async def _open(
+        cls,
+        path: str | Path,
+        config: KVCacheConfig | None,
+        embedder: Embedder | None,
+        summarizer: Summarizer | None,
+        tokenizer: TokenCounter | None,
+        clock: Callable[[], float],
+        telemetry: Telemetry | None,
+    ) -> KVCacheManager:
         config = config or KVCacheConfig()
         pool = ModelPool(config.model_memory_limit_bytes)
         if embedder is None:

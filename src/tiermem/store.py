@@ -250,6 +250,8 @@ class SQLiteStore:
     ) -> SQLiteStore:
         """Open (creating and migrating) the database and check the embedding model."""
         target = str(path)
+        if "\x00" in target:
+            raise StorageError("cannot open a database whose path holds a NUL character")
         parent = Path(target).parent
         if target == ":memory:" or not parent.is_dir():
             raise StorageError(
