@@ -1,11 +1,12 @@
 """ModelPool: lazy loads, references while in use, LRU unloading under a memory limit."""
 
+import threading
 from typing import Any
 
 import anyio
 import pytest
 
-from tiermem import BudgetError
+from tiermem import BudgetError, ModelError
 from tiermem.pool import ModelPool
 
 pytestmark = pytest.mark.anyio
@@ -97,3 +98,41 @@ async def test_concurrent_users_share_one_load() -> None:
         for _ in range(5):
             tg.start_soon(use)
     assert loaders["a"].loaded == 1 and pool.stats()["hits"] == 4
+
+
+async def test_a_model_loading_does_not_hold_up_calls_to_another() -> None:
+    pool = ModelPool(None)
+    started = threading.Event()
+    go = threading.Event()
+
+    def slow_load() -> str:
+        started.set()
+        go.wait(10)
+        return "slow"
+
+    pool.register("slow", slow_load, 1)
+    pool.register("fast", lambda: "fast", 1)
+    order: list[str] = []
+
+    async def use(name: str) -> None:
+        async with pool.use(name) as model:
+            order.append(model)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(use, "slow")
+        await anyio.to_thread.run_sync(started.wait, 10)
+        with anyio.fail_after(5):
+            await use("fast")  # while "slow" is still loading
+        go.set()
+    assert order == ["fast", "slow"]
+
+
+async def test_closing_the_pool_never_closes_a_model_under_a_call() -> None:
+    pool, loaders = pool_of(None, a=10)
+    async with pool.use("a"):
+        await pool.aclose()
+        assert loaders["a"].closed == 0  # still in use
+    assert loaders["a"].closed == 1  # closed as the call released it
+    with pytest.raises(ModelError):
+        async with pool.use("a"):
+            pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -30,6 +30,9 @@ class _Slot:
     model: Any = None
     references: int = 0
     last_used: float = 0.0
+    loading: bool = False  # its bytes are counted while it loads
+    retired: bool = False  # the pool closed: unload once the last call releases it
+    load_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
     def loaded(self) -> bool:
@@ -61,15 +64,26 @@ class ModelPool:
 
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[Any]:
-        """The loaded model, loaded now if it is not; it stays loaded until released."""
+        """The loaded model, loaded now if it is not; it stays loaded until released.
+
+        A model loads under its own lock, not the pool's: calls to other models go on
+        while one loads (the pool's lock only guards the accounting)."""
         slot = self._slot(name)
-        async with self._lock:
-            if slot.loaded:
-                self.hits += 1
-            else:
-                await self._make_room(slot)
-                slot.model = await anyio.to_thread.run_sync(slot.loader)
-                self.loads += 1
+        async with slot.load_lock:
+            if slot.retired:
+                raise ModelError(f"model {name!r} is closed")
+            async with self._lock:
+                if slot.loaded:
+                    self.hits += 1
+                else:
+                    await self._make_room(slot)
+                    slot.loading = True
+            if not slot.loaded:
+                try:
+                    slot.model = await anyio.to_thread.run_sync(slot.loader)
+                    self.loads += 1
+                finally:
+                    slot.loading = False
             slot.references += 1
             slot.last_used = time.monotonic()
         try:
@@ -77,6 +91,9 @@ class ModelPool:
         finally:
             slot.references -= 1
             slot.last_used = time.monotonic()
+            if slot.retired and not slot.references and slot.loaded:
+                with anyio.CancelScope(shield=True):
+                    await self._close(slot)
 
     async def unload(self, name: str) -> bool:
         """Unload a model now; False if it was not loaded. A model in use cannot be."""
@@ -90,11 +107,13 @@ class ModelPool:
             return True
 
     async def aclose(self) -> None:
-        """Unload every model (callers must have finished with them)."""
+        """Unload every model; one still in use is unloaded when its last call releases
+        it, never under it."""
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 for slot in self._slots.values():
-                    if slot.loaded:
+                    slot.retired = True
+                    if slot.loaded and not slot.references:
                         await self._close(slot)
 
     def is_loaded(self, name: str) -> bool:
@@ -102,7 +121,7 @@ class ModelPool:
 
     @property
     def loaded_bytes(self) -> int:
-        return sum(s.size_bytes for s in self._slots.values() if s.loaded)
+        return sum(s.size_bytes for s in self._slots.values() if s.loaded or s.loading)
 
     def stats(self) -> dict[str, Any]:
         """Loaded models (bytes, references), totals and counters, for `status().models`."""
