@@ -75,7 +75,11 @@ async def test_a_deleted_sessions_words_and_vectors_leave_the_files(
             **{f"float vector {i}": v.astype(np.float32).tobytes() for i, v in enumerate(vectors)},
             **{f"sign bits {i}": _bits(v) for i, v in enumerate(vectors)},
         }
-        assert _traces(needles, db_path) == list(needles)  # all there: the check can see them
+        # there before, so the check can see them (but the few sign bits that straddle two
+        # overflow pages of a vec0 chunk, which no byte search finds)
+        before = _traces(needles, db_path)
+        assert {n for n in needles if not n.startswith("sign")} <= set(before)
+        assert len(before) > len(needles) * 0.9
 
         assert await mgr.delete_session(f"gone-{secret}") is True
 
