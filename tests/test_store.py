@@ -289,7 +289,7 @@ async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Pat
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         assert "snapshot_entry_vectors" not in tables
         assert (
-            "chunk_size=128"
+            "chunk_size=256"
             in conn.execute(
                 "SELECT sql FROM sqlite_master WHERE name = 'message_index'"
             ).fetchone()[0]
@@ -349,8 +349,8 @@ async def test_200_small_sessions_with_snapshots_take_megabytes_not_hundreds(
 ) -> None:
     """Storage follows what sessions hold: 200 sessions of 10 messages (384-dimensional
     vectors), each with a snapshot, took 333 MB when every session with a snapshot
-    preallocated a 1,024-vector vec0 chunk (1.5 MB) and every session a 48 KB bit-index
-    chunk; they take about 6.6 MB now, of which 3 MB are the float vectors themselves."""
+    preallocated a 1,024-vector vec0 chunk (1.5 MB) and every session a 57 KB bit-index
+    chunk; they take 8 MB now, 3 MB of it the float vectors themselves."""
     dims = 384
     rng = np.random.default_rng(12)
     store = await SQLiteStore.open(db_path, "m", dims)

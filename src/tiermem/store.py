@@ -46,10 +46,11 @@ log = logging.getLogger("tiermem.store")
 
 # the bit index proposes this many candidates per nearest neighbour wanted (see vector_search)
 KNN_OVERSAMPLE = 4
-# vectors per vec0 chunk of the bit index: every session holds at least one chunk (6 KB at
-# 384 dimensions; vec0's default of 1,024 made it 48 KB), and a KNN pass over a 20,000-message
-# session reads 157 of them, about as fast as 20
-INDEX_CHUNK_SIZE = 128
+# vectors per vec0 chunk of the bit index. A session holds at least one whole chunk, 56 B a
+# vector (bits and rowid): 14 KB at 256, where vec0's default of 1,024 made it 57 KB, more
+# than a small session's messages take. Smaller chunks cost KNN time on big sessions (a pass
+# merges its top k per chunk): k=200 at 100k messages took 17 ms at 1,024, 31 ms at 256
+INDEX_CHUNK_SIZE = 256
 VEC0_MAX_K = 4096
 MESSAGE_COLUMNS = "id, position, message_id, role, content, created_at, token_count, metadata"
 

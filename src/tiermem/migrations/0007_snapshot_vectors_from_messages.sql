@@ -2,8 +2,8 @@
 -- already have in `message_embeddings` (exact cosine over a few dozen rows), so the vec0
 -- table that copied them goes: it preallocated 1,024 vectors (1.5 MB at 384 dimensions)
 -- for every session with a snapshot.
--- The message bit index is dropped too: the store makes it again with chunks of 128
--- vectors instead of 1,024 (6 KB instead of 48 KB held by every session, however small)
+-- The message bit index is dropped too: the store makes it again with chunks of 256
+-- vectors instead of 1,024 (14 KB instead of 57 KB held by every session, however small)
 -- and fills it from `message_embeddings` (see store.py).
 
 DROP TABLE IF EXISTS snapshot_entry_vectors;
