@@ -388,3 +388,45 @@ def _file_size(db_path: Path) -> int:
     """Bytes of the database file and its WAL."""
     wal = Path(f"{db_path}-wal")
     return db_path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def test_a_table_rebuild_that_orphans_rows_is_rolled_back(db_path: Path) -> None:
+    """A migration marked as rebuilding tables runs with foreign keys off (a DROP would
+    cascade otherwise) and is checked before its commit: one that leaves rows pointing at
+    nothing is refused whole, and foreign keys are on again after it."""
+    conn = _database_at_version(db_path, len(migrate.available()))
+    try:
+        conn.execute("INSERT INTO sessions VALUES (1, 'ns', 's', 0, 0)")
+        conn.execute(
+            "INSERT INTO messages(session_key, position, message_id, role, content,"
+            " content_hash, created_at, token_count) VALUES (1, 0, 'm', 'user', 'hi', 'h', 0, 1)"
+        )
+        losing = migrate.Migration(
+            99,
+            "drop_sessions",
+            "-- migrate: rebuilds tables\n"
+            "CREATE TABLE new_sessions (id INTEGER PRIMARY KEY AUTOINCREMENT);\n"
+            "DROP TABLE sessions;\n"
+            "ALTER TABLE new_sessions RENAME TO sessions;\n",
+        )
+        with pytest.raises(StorageError, match="pointing at missing"):
+            migrate.apply(conn, [losing])
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("SELECT namespace FROM sessions").fetchall() == [("ns",)]
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
+        assert conn.execute("SELECT 1 FROM schema_migrations WHERE version = 99").fetchone() is None
+
+        keeping = migrate.Migration(
+            99,
+            "rebuild_sessions",
+            "-- migrate: rebuilds tables\n"
+            "CREATE TABLE new_sessions (id INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT);\n"
+            "INSERT INTO new_sessions SELECT id, namespace FROM sessions;\n"
+            "DROP TABLE sessions;\n"
+            "ALTER TABLE new_sessions RENAME TO sessions;\n",
+        )
+        assert migrate.apply(conn, [keeping]) == [99]
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1  # no cascade
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    finally:
+        conn.close()

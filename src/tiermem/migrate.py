@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
@@ -49,8 +49,9 @@ def available() -> list[Migration]:
     return found
 
 
-def apply(conn: Any) -> list[int]:
-    """Bring a (blocking DB-API) connection up to date; returns the versions applied now.
+def apply(conn: Any, migrations: Sequence[Migration] | None = None) -> list[int]:
+    """Bring a (blocking DB-API) connection up to date with `migrations` (default: those
+    shipped); returns the versions applied now.
 
     `BEGIN IMMEDIATE` takes the write lock first, so two processes opening one new file
     cannot both apply the same migration.
@@ -60,7 +61,7 @@ def apply(conn: Any) -> list[int]:
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
     applied_now = []
-    for migration in available():
+    for migration in available() if migrations is None else migrations:
         with _foreign_keys_off(conn) if migration.rebuilds_tables else nullcontext():
             if _apply_one(conn, migration):
                 applied_now.append(migration.version)
