@@ -140,17 +140,22 @@ def _prepare(path: str, busy_timeout_ms: int) -> None:
         if verdict != "ok":
             raise StorageError(f"database {path} is damaged: {verdict}")
         if migrate.apply(conn):
-            _compact_if_mostly_free(conn)
+            _compact_if_mostly_free(conn, path)
     finally:
         conn.close()
 
 
-def _compact_if_mostly_free(conn: Any) -> None:
+def _compact_if_mostly_free(conn: Any, path: str) -> None:
     """VACUUM once a migration has left most of the file free (migration 7 drops a vec0
-    table that held 1.5 MB a session): the pages would otherwise stay in the file."""
+    table that held 1.5 MB a session): the pages would otherwise stay in the file. Only a
+    saving, so a failure (another process busy on the file, no room for the copy) is not
+    one of the open."""
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
     if free * 2 > conn.execute("PRAGMA page_count").fetchone()[0]:
-        conn.execute("VACUUM")
+        try:
+            conn.execute("VACUUM")
+        except sqlite3.Error as exc:
+            log.warning("%s: not compacted after its migration (%s)", path, exc)
 
 
 def _blob(vector: np.ndarray[Any, Any]) -> bytes:
