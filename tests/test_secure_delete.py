@@ -13,7 +13,7 @@ import pytest
 import tiermem
 from tests.fakes import HashingEmbedder
 from tiermem import Message
-from tiermem.store import _bits
+from tiermem.store import NewMessage, SQLiteStore, StateRow, _bits, _raw_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -101,3 +101,39 @@ async def test_a_deleted_sessions_words_and_vectors_leave_the_files(
         assert {s.session_id for s in await mgr.list_sessions()} == {"kept-1", "kept-2"}
     finally:
         await mgr.aclose()
+
+
+async def test_a_reader_holding_the_wal_delays_the_purge_but_not_the_delete(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process reading an old snapshot keeps the WAL frames it may need: the delete
+    still succeeds (and says so in the log), and the next delete's checkpoint purges them."""
+    secret = _token(2)
+    store = await SQLiteStore.open(db_path, "m", 8, busy_timeout_ms=100)
+    try:
+        keys = {}
+        for sid in ("gone", "later"):
+            keys[sid] = await store.create_session("ns", sid)
+            await store.append_messages(
+                keys[sid],
+                [NewMessage(0, "m", "user", f"{secret} in {sid}", "h", None, 0.0, 3)],
+                None,
+                StateRow(),
+            )
+        reader = _raw_connect(str(db_path), 100)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM messages").fetchone()
+            await store.delete_session(keys["gone"])
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        assert "could not be emptied" in caplog.text
+        assert await store.session_key("ns", "gone") is None
+        gone = {"its message": f"{secret} in gone".encode()}
+        assert _traces(gone, db_path) == ["its message"]  # still in the WAL
+
+        await store.delete_session(keys["later"])
+        assert _traces({**gone, "the word": secret.encode()}, db_path) == []
+    finally:
+        await store.close()
