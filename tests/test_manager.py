@@ -287,7 +287,7 @@ async def test_delete_session_leaves_nothing(manager: tiermem.KVCacheManager) ->
     assert counts["messages"] == counts["messages_fts"] == kept
     assert counts["message_embeddings"] == counts["message_index"] == kept
     assert counts["kv_snapshots"] == counts["kv_snapshot_entries"] == 0
-    assert counts["snapshot_entry_vectors"] == counts["session_summaries"] == 0
+    assert counts["session_summaries"] == 0
     assert counts["sessions"] == 1
     with pytest.raises(tiermem.NotFoundError):
         await manager.retrieve_context("gone", "weather")

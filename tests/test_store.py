@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tiermem import EmbeddingMismatchError, StorageError, migrate
-from tiermem.store import NewMessage, SQLiteStore, StateRow, _raw_connect
+from tiermem.store import NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, _bits, _raw_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +29,9 @@ async def test_blank_database_is_migrated_and_recorded(db_path: Path) -> None:
         "session_state",
         "message_embeddings",
         "message_index",
-        "snapshot_entry_vectors",
     ):
         assert table in tables
+    assert "snapshot_entry_vectors" not in tables
 
 
 async def test_reopen_applies_nothing_twice(db_path: Path) -> None:
@@ -171,3 +171,262 @@ async def test_a_word_in_most_messages_does_not_crowd_out_a_rare_one(db_path: Pa
         assert len(await store.lexical_search(["hello"], key, 20)) == 10
     finally:
         await store.close()
+
+
+def _old_vector_tables(conn: Any, dims: int) -> None:
+    """The vec0 tables the store made beside migrations 1-4 (default chunks of 1,024)."""
+    conn.execute("INSERT INTO meta VALUES ('embedding_model', 'm'), ('embedding_dims', ?)", (dims,))
+    conn.execute(
+        "CREATE VIRTUAL TABLE snapshot_entry_vectors USING vec0(session_key integer partition"
+        f" key, embedding float[{dims}] distance_metric=cosine)"
+    )
+    conn.execute(
+        "CREATE VIRTUAL TABLE message_index USING vec0(session_key integer partition key,"
+        f" embedding bit[{dims}])"
+    )
+
+
+async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Path) -> None:
+    """Migration 5 rebuilds sessions, messages and snapshots with AUTOINCREMENT ids: the ids
+    stay, so the rows pointing at them (FTS, vectors, state, snapshots, summaries) stay valid;
+    the snapshot vec0 table goes and the bit index is remade with small chunks."""
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((12, 384)).astype(np.float32)
+    conn = _database_at_version(db_path, 4)
+    _old_vector_tables(conn, 384)
+    # sessions 2 and 5 (ids with gaps, as deletes leave them), six messages each
+    for key in (2, 5):
+        conn.execute("INSERT INTO sessions VALUES (?, 'ns', ?, 1.0, 2.0)", (key, f"s{key}"))
+        conn.execute(
+            "INSERT INTO session_state(session_key, message_count, pinned, updated_at)"
+            " VALUES (?, 6, ?, 3.0)",
+            (key, f"[{key * 10}]"),
+        )
+        conn.execute(
+            "INSERT INTO session_summaries VALUES (?, ?, 4, 6, 1, 5, 3.0)", (key, f"sum {key}")
+        )
+        for i in range(6):
+            rowid, n = key * 10 + i, (key == 5) * 6 + i
+            conn.execute(
+                "INSERT INTO messages(id, session_key, position, message_id, role, content,"
+                " content_hash, created_at, token_count) VALUES (?, ?, ?, ?, 'user', ?, ?, ?, 3)",
+                (rowid, key, i, f"m{i}", f"giraffe {n} of session {key}", f"h{n}", float(i)),
+            )
+            conn.execute(
+                "INSERT INTO message_embeddings VALUES (?, ?)", (rowid, vectors[n].tobytes())
+            )
+            conn.execute(
+                "INSERT INTO message_index(rowid, session_key, embedding)"
+                " VALUES (?, ?, vec_bit(?))",
+                (rowid, key, _bits(vectors[n])),
+            )
+        conn.execute(
+            "INSERT INTO kv_snapshots VALUES (?, ?, 'conversation_limit', 'incremental', 2, 9,"
+            " 3.0)",
+            (key + 100, key),
+        )
+        for rowid in (key * 10, key * 10 + 3):
+            cursor = conn.execute(
+                "INSERT INTO kv_snapshot_entries(snapshot_id, message_rowid, importance,"
+                " entry_type, kv_bytes) VALUES (?, ?, 0.5, 'user', 4)",
+                (key + 100, rowid),
+            )
+            conn.execute(
+                "INSERT INTO snapshot_entry_vectors(rowid, session_key, embedding)"
+                " VALUES (?, ?, ?)",
+                (cursor.lastrowid, key, vectors[rowid % 10 + (key == 5) * 6].tobytes()),
+            )
+    conn.close()
+
+    store = await SQLiteStore.open(db_path, "m", 384)
+    try:
+        assert await store.session_key("ns", "s5") == 5
+        hits = await store.lexical_search(["giraffe"], 5, 10)
+        assert sorted(rowid for rowid, _ in hits) == list(range(50, 56))
+        assert [r.content for r in await store.messages_by_rowid([53])] == [
+            "giraffe 9 of session 5"
+        ]
+        query = vectors[9] + 0.05
+        nearest = await store.vector_search(query, 5, 1)
+        assert [rowid for rowid, _ in nearest] == [53]
+        snapshot_hits = await store.snapshot_vector_search(query, 5, 5)
+        assert [rowid for rowid, _ in snapshot_hits] == [53, 50]
+        assert snapshot_hits[0][1] == pytest.approx(
+            1 - vectors[9] @ query / np.linalg.norm(vectors[9]) / np.linalg.norm(query), abs=1e-5
+        )
+        assert [e.message_rowid for e in await store.snapshot_entries(5, 105) or []] == [50, 53]
+        assert (await store.load_state(5)).pinned == [50]
+        summary = await store.summary(5)
+        assert summary is not None and summary.text == "sum 5"
+        assert await store.counts() == {
+            "sessions": 2,
+            "messages": 12,
+            "messages_fts": 12,
+            "message_embeddings": 12,
+            "message_index": 12,
+            "kv_snapshots": 2,
+            "kv_snapshot_entries": 4,
+            "session_summaries": 2,
+            "session_state": 2,
+        }
+
+        # foreign keys still cascade from the rebuilt tables
+        await store.delete_session(5)
+        assert await store.lexical_search(["giraffe"], 5, 10) == []
+        assert len(await store.lexical_search(["giraffe"], 2, 10)) == 6
+        assert (await store.counts())["message_index"] == 6
+        # and ids go on from the largest ever given, the deleted newest one's included
+        assert await store.create_session("ns", "new") == 6
+        new = NewMessage(6, "m6", "user", "a new giraffe", "h", None, 9.0, 3)
+        assert await store.append_messages(2, [new], None, StateRow()) == [56]
+    finally:
+        await store.close()
+    # the pages of the dropped vec0 table (1.5 MB for each session with a snapshot) left
+    # the file: it was compacted after the migrations
+    assert _file_size(db_path) < 500_000
+    conn = _raw_connect(str(db_path), 1000)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert "snapshot_entry_vectors" not in tables
+        assert (
+            "chunk_size=256"
+            in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'message_index'"
+            ).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+async def test_ids_of_deleted_rows_are_never_handed_out_again(db_path: Path) -> None:
+    """Deleting the newest session (its messages and snapshot with it) does not give the
+    next session, message or snapshot its id: late work for the deleted one cannot alias."""
+
+    def messages(n: int) -> list[NewMessage]:
+        return [
+            NewMessage(i, f"m{i}", "user", f"text {i}", f"h{i}", None, 0.0, 2) for i in range(n)
+        ]
+
+    store = await SQLiteStore.open(db_path, "m", 8)
+    try:
+        kept = await store.create_session("ns", "kept")
+        await store.append_messages(kept, messages(2), None, StateRow())
+        gone = await store.create_session("ns", "gone")
+        gone_rowids = await store.append_messages(gone, messages(3), None, StateRow())
+        snapshot = (
+            "conversation_limit",
+            "incremental",
+            [SnapshotEntryRow(gone_rowids[0], 1, "user", 1)],
+        )
+        gone_snapshot = await store.save_clear(gone, StateRow(), snapshot, {})
+        await store.delete_session(gone)
+
+        again = await store.create_session("ns", "gone")
+        assert again > gone
+        new_rowids = await store.append_messages(kept, messages(4)[2:], None, StateRow())
+        assert min(new_rowids) > max(gone_rowids)
+        snapshot = (
+            "conversation_limit",
+            "incremental",
+            [SnapshotEntryRow(new_rowids[0], 1, "user", 1)],
+        )
+        new_snapshot = await store.save_clear(kept, StateRow(), snapshot, {})
+        assert gone_snapshot is not None and new_snapshot is not None
+        assert new_snapshot > gone_snapshot
+    finally:
+        await store.close()
+    # and not after a reopen either (the counters are in the file)
+    store = await SQLiteStore.open(db_path, "m", 8)
+    try:
+        await store.delete_session(again)
+        assert await store.create_session("ns", "third") > again
+    finally:
+        await store.close()
+
+
+async def test_200_small_sessions_with_snapshots_take_megabytes_not_hundreds(
+    db_path: Path,
+) -> None:
+    """Storage follows what sessions hold: 200 sessions of 10 messages (384-dimensional
+    vectors), each with a snapshot, took 333 MB when every session with a snapshot
+    preallocated a 1,024-vector vec0 chunk (1.5 MB) and every session a 57 KB bit-index
+    chunk; they take 8 MB now, 3 MB of it the float vectors themselves."""
+    dims = 384
+    rng = np.random.default_rng(12)
+    store = await SQLiteStore.open(db_path, "m", dims)
+    try:
+        for s in range(200):
+            key = await store.create_session("ns", f"s{s}")
+            vectors = rng.standard_normal((10, dims)).astype(np.float32)
+            rowids = await store.append_messages(
+                key,
+                [
+                    NewMessage(i, f"m{i}", "user", f"message {i} of {s}", f"{s}-{i}", None, i, 5)
+                    for i in range(10)
+                ],
+                vectors,
+                StateRow(),
+            )
+            entries = [SnapshotEntryRow(rowid, 0.5, "user", 100) for rowid in rowids[:5]]
+            await store.save_clear(
+                key,
+                StateRow(),
+                ("conversation_limit", "incremental", entries),
+                dict(zip(rowids, vectors, strict=True)),
+            )
+        hits = await store.snapshot_vector_search(vectors[3], key, 2)
+        assert hits[0] == (rowids[3], pytest.approx(0.0, abs=1e-6))
+    finally:
+        await store.close()
+    assert _file_size(db_path) < 12_000_000
+
+
+def _file_size(db_path: Path) -> int:
+    """Bytes of the database file and its WAL."""
+    wal = Path(f"{db_path}-wal")
+    return db_path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def test_a_table_rebuild_that_orphans_rows_is_rolled_back(db_path: Path) -> None:
+    """A migration marked as rebuilding tables runs with foreign keys off (a DROP would
+    cascade otherwise) and is checked before its commit: one that leaves rows pointing at
+    nothing is refused whole, and foreign keys are on again after it."""
+    conn = _database_at_version(db_path, len(migrate.available()))
+    try:
+        conn.execute("INSERT INTO sessions VALUES (1, 'ns', 's', 0, 0)")
+        conn.execute(
+            "INSERT INTO messages(session_key, position, message_id, role, content,"
+            " content_hash, created_at, token_count) VALUES (1, 0, 'm', 'user', 'hi', 'h', 0, 1)"
+        )
+        losing = migrate.Migration(
+            99,
+            "drop_sessions",
+            "-- migrate: rebuilds tables\n"
+            "CREATE TABLE new_sessions (id INTEGER PRIMARY KEY AUTOINCREMENT);\n"
+            "DROP TABLE sessions;\n"
+            "ALTER TABLE new_sessions RENAME TO sessions;\n",
+        )
+        with pytest.raises(StorageError, match="pointing at missing"):
+            migrate.apply(conn, [losing])
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("SELECT namespace FROM sessions").fetchall() == [("ns",)]
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
+        assert conn.execute("SELECT 1 FROM schema_migrations WHERE version = 99").fetchone() is None
+
+        keeping = migrate.Migration(
+            99,
+            "rebuild_sessions",
+            "-- migrate: rebuilds tables\n"
+            "CREATE TABLE new_sessions (id INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT);\n"
+            "INSERT INTO new_sessions SELECT id, namespace FROM sessions;\n"
+            "DROP TABLE sessions;\n"
+            "ALTER TABLE new_sessions RENAME TO sessions;\n",
+        )
+        assert migrate.apply(conn, [keeping]) == [99]
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1  # no cascade
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    finally:
+        conn.close()

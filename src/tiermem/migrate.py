@@ -1,15 +1,26 @@
 """Migrations runner: applies the numbered `.sql` files shipped in `tiermem/migrations`,
-each in its own transaction, and records them in `schema_migrations`."""
+each in its own transaction, and records them in `schema_migrations`.
+
+A migration whose text holds the line `-- migrate: rebuilds tables` runs with foreign keys
+off and is checked with `PRAGMA foreign_key_check` before its commit: SQLite's procedure for
+the schema changes ALTER TABLE cannot make (create new_X, copy, drop X, rename new_X to X),
+where a DROP with foreign keys on would cascade to every row pointing at X.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from .errors import StorageError
+
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_REBUILDS_TABLES = re.compile(r"^-- migrate: rebuilds tables\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +28,11 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def rebuilds_tables(self) -> bool:
+        """Whether it must run with foreign keys off (see the module docstring)."""
+        return bool(_REBUILDS_TABLES.search(self.sql))
 
 
 def available() -> list[Migration]:
@@ -33,8 +49,9 @@ def available() -> list[Migration]:
     return found
 
 
-def apply(conn: Any) -> list[int]:
-    """Bring a (blocking DB-API) connection up to date; returns the versions applied now.
+def apply(conn: Any, migrations: Sequence[Migration] | None = None) -> list[int]:
+    """Bring a (blocking DB-API) connection up to date with `migrations` (default: those
+    shipped); returns the versions applied now.
 
     `BEGIN IMMEDIATE` takes the write lock first, so two processes opening one new file
     cannot both apply the same migration.
@@ -44,25 +61,51 @@ def apply(conn: Any) -> list[int]:
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
     applied_now = []
-    for migration in available():
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            done = conn.execute(
-                "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
-            ).fetchone()
-            if not done:
-                for statement in _statements(migration.sql):
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)",
-                    (migration.version, migration.name, time.time()),
-                )
+    for migration in available() if migrations is None else migrations:
+        with _foreign_keys_off(conn) if migration.rebuilds_tables else nullcontext():
+            if _apply_one(conn, migration):
                 applied_now.append(migration.version)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
     return applied_now
+
+
+def _apply_one(conn: Any, migration: Migration) -> bool:
+    """Apply `migration` unless recorded already; True if applied now."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        done = conn.execute(
+            "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
+        ).fetchone()
+        if not done:
+            for statement in _statements(migration.sql):
+                conn.execute(statement)
+            if migration.rebuilds_tables:
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StorageError(
+                        f"migration {migration.version} ({migration.name}) would leave "
+                        f"{len(broken)} rows pointing at missing ones, first {tuple(broken[0])}"
+                    )
+            conn.execute(
+                "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, time.time()),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return not done
+
+
+@contextmanager
+def _foreign_keys_off(conn: Any) -> Iterator[None]:
+    """Foreign keys off, then back as they were (the pragma is a no-op inside a
+    transaction, so this wraps the migration's whole transaction)."""
+    before = int(conn.execute("PRAGMA foreign_keys").fetchone()[0])
+    conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA foreign_keys = {'ON' if before else 'OFF'}")
 
 
 def _statements(sql: str) -> list[str]:

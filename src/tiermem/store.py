@@ -4,12 +4,15 @@ Tables (see migrations/): `sessions` (namespace, session id), `messages` (every 
 stored, tier 3) with `messages_fts` (FTS5, kept in sync by triggers), `session_state`
 (what rebuilds an active cache), `kv_snapshots` and `kv_snapshot_entries` (tier 2),
 `session_summaries` (one cumulative summary per session), `meta`. Vectors: every message's
-float32 vector in `message_embeddings` (exact distances, read by primary key), and two vec0
-tables partitioned by session, so a KNN query never scans another session's rows:
-`message_index` (the sign bits of each message vector: a Hamming pass over 48 bytes a
-message picks candidates that the float vectors then rank exactly) and
-`snapshot_entry_vectors` (rowid = kv_snapshot_entries.id). Their dimension follows the
-embedding model recorded in `meta`.
+float32 vector in `message_embeddings` (exact distances, read by primary key; snapshot search
+ranks the snapshot entries' messages by them), and `message_index`, a vec0 table of the sign
+bits of each message vector partitioned by session (a Hamming pass over 48 bytes a message,
+never another session's, picks candidates that the float vectors then rank exactly); its
+dimension follows the embedding model recorded in `meta`.
+
+Ids (sessions, messages, snapshots) are AUTOINCREMENT, never reused. Deletes overwrite what
+they remove (`PRAGMA secure_delete`, FTS5's secure-delete), and a session's delete ends with a
+WAL checkpoint that truncates the log, so its text is in neither file afterwards.
 
 Writes go through one connection, one transaction at a time (`BEGIN IMMEDIATE`); reads use
 two more (a search's text and vector reads side by side), so searches run beside writes. A
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -39,9 +43,15 @@ from . import migrate, text
 from .errors import EmbeddingMismatchError, StorageError
 
 Row = tuple[Any, ...]
+log = logging.getLogger("tiermem.store")
 
 # the bit index proposes this many candidates per nearest neighbour wanted (see vector_search)
 KNN_OVERSAMPLE = 4
+# vectors per vec0 chunk of the bit index. A session holds at least one whole chunk, 56 B a
+# vector (bits and rowid): 14 KB at 256, where vec0's default of 1,024 made it 57 KB, more
+# than a small session's messages take. Smaller chunks cost KNN time on big sessions (a pass
+# merges its top k per chunk): k=200 at 100k messages took 17 ms at 1,024, 31 ms at 256
+INDEX_CHUNK_SIZE = 256
 VEC0_MAX_K = 4096
 MESSAGE_COLUMNS = "id, position, message_id, role, content, created_at, token_count, metadata"
 
@@ -131,6 +141,8 @@ def _raw_connect(path: str, busy_timeout_ms: int) -> Any:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        # deleted rows and freed pages are overwritten with zeros, not left in the file
+        conn.execute("PRAGMA secure_delete = ON")
     except BaseException:
         conn.close()
         raise
@@ -144,9 +156,23 @@ def _prepare(path: str, busy_timeout_ms: int) -> None:
         verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
         if verdict != "ok":
             raise StorageError(f"database {path} is damaged: {verdict}")
-        migrate.apply(conn)
+        if migrate.apply(conn):
+            _compact_if_mostly_free(conn, path)
     finally:
         conn.close()
+
+
+def _compact_if_mostly_free(conn: Any, path: str) -> None:
+    """VACUUM once a migration has left most of the file free (migration 7 drops a vec0
+    table that held 1.5 MB a session): the pages would otherwise stay in the file. Only a
+    saving, so a failure (another process busy on the file, no room for the copy) is not
+    one of the open."""
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    if free * 2 > conn.execute("PRAGMA page_count").fetchone()[0]:
+        try:
+            conn.execute("VACUUM")
+        except sqlite3.Error as exc:
+            log.warning("%s: not compacted after its migration (%s)", path, exc)
 
 
 def _blob(vector: np.ndarray[Any, Any]) -> bytes:
@@ -218,7 +244,6 @@ COUNTED_TABLES = (
     "message_index",
     "kv_snapshots",
     "kv_snapshot_entries",
-    "snapshot_entry_vectors",
     "session_summaries",
     "session_state",
 )
@@ -302,11 +327,6 @@ class SQLiteStore:
             )
         bits = -(-dims // 8) * 8
         async with self.transaction() as db:
-            await db.execute(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS snapshot_entry_vectors USING vec0("
-                f"session_key integer partition key, embedding float[{dims}] "
-                "distance_metric=cosine)"
-            )
             async with db.execute(
                 "SELECT name FROM sqlite_master WHERE name IN ('message_vectors', 'message_index')"
             ) as cursor:
@@ -322,7 +342,8 @@ class SQLiteStore:
             if "message_index" not in tables:
                 await db.execute(
                     "CREATE VIRTUAL TABLE message_index USING vec0("
-                    f"session_key integer partition key, embedding bit[{bits}])"
+                    f"session_key integer partition key, embedding bit[{bits}], "
+                    f"chunk_size={INDEX_CHUNK_SIZE})"
                 )
                 await _index_embeddings(db)
             await db.execute(
@@ -515,14 +536,12 @@ class SQLiteStore:
             )
 
     async def delete_session(self, key: int) -> None:
-        """Remove the session and everything derived from it, vectors included."""
+        """Remove the session and everything derived from it, vectors included, and its
+        bytes: the deleted rows are zeroed in the pages written (secure delete), and the
+        checkpoint that follows moves those pages into the file and empties the WAL, whose
+        older frames still hold the text."""
         async with self.transaction() as db:
-            await db.execute(
-                "DELETE FROM snapshot_entry_vectors WHERE rowid IN (SELECT e.id FROM "
-                "kv_snapshot_entries e JOIN kv_snapshots s ON s.id = e.snapshot_id "
-                "WHERE s.session_key = ?)",
-                (key,),
-            )
+            # vec0 (0.1.9) zeroes a deleted vector in its chunk and drops emptied chunks
             await db.execute(
                 "DELETE FROM message_index WHERE rowid IN "
                 "(SELECT id FROM messages WHERE session_key = ?)",
@@ -531,6 +550,24 @@ class SQLiteStore:
             # cascades: messages (and their FTS rows through the trigger, their embeddings),
             # state, snapshots, snapshot entries, summaries
             await db.execute("DELETE FROM sessions WHERE id = ?", (key,))
+        await self._truncate_wal()
+
+    async def _truncate_wal(self) -> None:
+        """Checkpoint the whole WAL into the file and truncate it. It waits (busy timeout)
+        for readers still on old frames; another process's long read can outlast that, and
+        then the old frames stay until a later checkpoint."""
+        async with self._write_lock:
+            try:
+                async with self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                    row = await cursor.fetchone()
+            except sqlite3.Error as exc:
+                raise StorageError(f"checkpoint of {self.path} failed: {exc}") from exc
+        if row is not None and row[0]:
+            log.warning(
+                "%s: the WAL could not be emptied after a delete (a reader held it); "
+                "the deleted text stays in it until the next checkpoint",
+                self.path,
+            )
 
     # -- messages --------------------------------------------------------------------------
 
@@ -723,16 +760,18 @@ class SQLiteStore:
     async def snapshot_vector_search(
         self, query: np.ndarray[Any, Any], key: int, k: int
     ) -> list[tuple[int, float]]:
-        """(message rowid, cosine distance) of the session's nearest snapshot entries."""
+        """(message rowid, cosine distance) of the session's k nearest snapshot entries,
+        nearest first: an exact pass over their messages' stored vectors (a session's
+        snapshots hold at most a few cache-fulls of entries, so no index is needed)."""
         rows = await self._read_all(
-            "WITH knn AS (SELECT rowid, distance FROM snapshot_entry_vectors "
-            "WHERE embedding MATCH ? AND k = ? AND session_key = ?) "
-            "SELECT e.message_rowid, MIN(knn.distance) FROM knn "
-            "JOIN kv_snapshot_entries e ON e.id = knn.rowid GROUP BY e.message_rowid",
-            (_blob(query), k, key),
+            "SELECT message_rowid, embedding FROM message_embeddings WHERE message_rowid IN "
+            "(SELECT e.message_rowid FROM kv_snapshots s "
+            "JOIN kv_snapshot_entries e ON e.snapshot_id = s.id WHERE s.session_key = ?)",
+            (key,),
             conn=self._vector_reader,
         )
-        return [(int(r[0]), float(r[1])) for r in rows]
+        ranked = sorted(_cosine_distances(query, rows).items(), key=lambda item: item[1])
+        return ranked[:k]
 
     async def distances(
         self, query: np.ndarray[Any, Any], rowids: Sequence[int]
@@ -749,7 +788,8 @@ class SQLiteStore:
         snapshot: tuple[str, str, Sequence[SnapshotEntryRow]] | None,
         vectors: dict[int, np.ndarray[Any, Any]],
     ) -> int | None:
-        """A clear: the snapshot (row, entries, their vectors) and the new state, atomically."""
+        """A clear: the snapshot (row, entries) and the new state, atomically. `vectors` is
+        no longer stored: snapshot search reads the entries' vectors in `message_embeddings`."""
         snapshot_id = None
         async with self.transaction() as db:
             await self._claim(db, key, state.version)
@@ -768,19 +808,15 @@ class SQLiteStore:
                     ),
                 )
                 snapshot_id = int(cursor.lastrowid or 0)
-                for e in entries:
-                    cursor = await db.execute(
-                        "INSERT INTO kv_snapshot_entries(snapshot_id, message_rowid, importance,"
-                        " entry_type, kv_bytes) VALUES (?, ?, ?, ?, ?)",
-                        (snapshot_id, e.message_rowid, e.importance, e.entry_type, e.kv_bytes),
-                    )
-                    vector = vectors.get(e.message_rowid)
-                    if vector is not None:
-                        await db.execute(
-                            "INSERT INTO snapshot_entry_vectors(rowid, session_key, embedding)"
-                            " VALUES (?, ?, ?)",
-                            (cursor.lastrowid, key, _blob(vector)),
-                        )
+                # searched by their messages' vectors in `message_embeddings`
+                await db.executemany(
+                    "INSERT INTO kv_snapshot_entries(snapshot_id, message_rowid, importance,"
+                    " entry_type, kv_bytes) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (snapshot_id, e.message_rowid, e.importance, e.entry_type, e.kv_bytes)
+                        for e in entries
+                    ],
+                )
                 state.last_snapshot_id = snapshot_id
             await self._write_state(db, key, state)
         return snapshot_id
@@ -829,14 +865,9 @@ class SQLiteStore:
             ) as cursor:
                 doomed = [int(r[0]) for r in await cursor.fetchall()]
             if doomed:
-                ids = _ids_json(doomed)
                 await db.execute(
-                    "DELETE FROM snapshot_entry_vectors WHERE rowid IN (SELECT id FROM "
-                    "kv_snapshot_entries WHERE snapshot_id IN (SELECT value FROM json_each(?)))",
-                    (ids,),
-                )
-                await db.execute(
-                    "DELETE FROM kv_snapshots WHERE id IN (SELECT value FROM json_each(?))", (ids,)
+                    "DELETE FROM kv_snapshots WHERE id IN (SELECT value FROM json_each(?))",
+                    (_ids_json(doomed),),
                 )
         return len(doomed)
 
