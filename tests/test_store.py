@@ -254,7 +254,8 @@ async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Pat
         assert snapshot_hits[0][1] == pytest.approx(
             1 - vectors[9] @ query / np.linalg.norm(vectors[9]) / np.linalg.norm(query), abs=1e-5
         )
-        assert [e.message_rowid for e in await store.snapshot_entries(5, 105) or []] == [50, 53]
+        found = await store.snapshot_entries(5, 105)
+        assert found is not None and [e.message_rowid for e in found[1]] == [50, 53]
         assert (await store.load_state(5)).pinned == [50]
         summary = await store.summary(5)
         assert summary is not None and summary.text == "sum 5"
