@@ -314,27 +314,31 @@ async def test_ids_of_deleted_rows_are_never_handed_out_again(db_path: Path) -> 
     store = await SQLiteStore.open(db_path, "m", 8)
     try:
         kept = await store.create_session("ns", "kept")
-        await store.append_messages(kept, messages(2), None, StateRow())
+        await store.append_messages(kept, messages(2), None, await store.load_state(kept))
         gone = await store.create_session("ns", "gone")
-        gone_rowids = await store.append_messages(gone, messages(3), None, StateRow())
+        gone_rowids = await store.append_messages(
+            gone, messages(3), None, await store.load_state(gone)
+        )
         snapshot = (
             "conversation_limit",
             "incremental",
             [SnapshotEntryRow(gone_rowids[0], 1, "user", 1)],
         )
-        gone_snapshot = await store.save_clear(gone, StateRow(), snapshot, {})
+        gone_snapshot = await store.save_clear(gone, await store.load_state(gone), snapshot, {})
         await store.delete_session(gone)
 
         again = await store.create_session("ns", "gone")
         assert again > gone
-        new_rowids = await store.append_messages(kept, messages(4)[2:], None, StateRow())
+        new_rowids = await store.append_messages(
+            kept, messages(4)[2:], None, await store.load_state(kept)
+        )
         assert min(new_rowids) > max(gone_rowids)
         snapshot = (
             "conversation_limit",
             "incremental",
             [SnapshotEntryRow(new_rowids[0], 1, "user", 1)],
         )
-        new_snapshot = await store.save_clear(kept, StateRow(), snapshot, {})
+        new_snapshot = await store.save_clear(kept, await store.load_state(kept), snapshot, {})
         assert gone_snapshot is not None and new_snapshot is not None
         assert new_snapshot > gone_snapshot
     finally:
@@ -369,12 +373,12 @@ async def test_200_small_sessions_with_snapshots_take_megabytes_not_hundreds(
                     for i in range(10)
                 ],
                 vectors,
-                StateRow(),
+                await store.load_state(key),
             )
             entries = [SnapshotEntryRow(rowid, 0.5, "user", 100) for rowid in rowids[:5]]
             await store.save_clear(
                 key,
-                StateRow(),
+                await store.load_state(key),
                 ("conversation_limit", "incremental", entries),
                 dict(zip(rowids, vectors, strict=True)),
             )
