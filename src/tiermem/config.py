@@ -160,6 +160,10 @@ class KVCacheConfig(_Model):
     # aclose() waits this long for calls in flight before it cancels them
     close_wait_seconds: float = Field(default=10.0, ge=0.0)
     busy_timeout_ms: int = Field(default=10_000, ge=0)
+    # reads only (a file this process may not write is opened so anyway)
+    read_only: bool = False
+    # SQLite's quick_check at open: a read of the whole file, slow on a big one
+    check_on_open: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> KVCacheConfig:

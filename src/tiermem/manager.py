@@ -225,7 +225,12 @@ class KVCacheManager:
         tokens: TokenCounter = tokenizer or vocab or HeuristicTokenCounter()
         context = config.context_window_tokens or (vocab.context_length() if vocab else None)
         store = await SQLiteStore.open(
-            path, embedder.model_name, embedder.dimensions, config.busy_timeout_ms
+            path,
+            embedder.model_name,
+            embedder.dimensions,
+            config.busy_timeout_ms,
+            read_only=config.read_only,
+            check=config.check_on_open,
         )
         return cls(
             store,

@@ -60,12 +60,43 @@ def apply(conn: Any, migrations: Sequence[Migration] | None = None) -> list[int]
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
+    known = available() if migrations is None else list(migrations)
+    check_not_newer(conn, known)
     applied_now = []
-    for migration in available() if migrations is None else migrations:
+    for migration in known:
         with _foreign_keys_off(conn) if migration.rebuilds_tables else nullcontext():
             if _apply_one(conn, migration):
                 applied_now.append(migration.version)
     return applied_now
+
+
+def recorded(conn: Any) -> set[int]:
+    """The versions recorded as applied (none on a blank database)."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if not exists:
+        return set()
+    return {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def check_not_newer(conn: Any, known: Sequence[Migration]) -> None:
+    """Refuse a database written by a newer tiermem (a migration this one does not know)."""
+    newest = max((m.version for m in known), default=0)
+    unknown = sorted(v for v in recorded(conn) if v > newest)
+    if unknown:
+        raise StorageError(
+            f"the database has schema version {unknown[-1]}, newer than this tiermem knows "
+            f"({newest}): upgrade tiermem to open it"
+        )
+
+
+def pending(conn: Any) -> list[Migration]:
+    """The shipped migrations not applied to the database yet (checking it is not newer)."""
+    known = available()
+    check_not_newer(conn, known)
+    done = recorded(conn)
+    return [m for m in known if m.version not in done]
 
 
 def _apply_one(conn: Any, migration: Migration) -> bool:

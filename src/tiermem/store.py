@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import urllib.request
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -131,15 +133,20 @@ class SnapshotEntryRow:
     kv_bytes: int
 
 
-def _raw_connect(path: str, busy_timeout_ms: int) -> Any:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def _raw_connect(path: str, busy_timeout_ms: int, read_only: bool = False) -> Any:
+    if read_only:  # SQLite refuses every write on it, whoever the process runs as
+        uri = f"file:{urllib.request.pathname2url(os.path.abspath(path))}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.enable_load_extension(True)
         sqlite_vec.load(conn)
         conn.enable_load_extension(False)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
+        if not read_only:
+            conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         # deleted rows and freed pages are overwritten with zeros, not left in the file
         conn.execute("PRAGMA secure_delete = ON")
@@ -149,14 +156,22 @@ def _raw_connect(path: str, busy_timeout_ms: int) -> Any:
     return conn
 
 
-def _prepare(path: str, busy_timeout_ms: int) -> None:
-    """Blocking: check the file is a sound SQLite database and migrate it."""
-    conn = _raw_connect(path, busy_timeout_ms)
+def _prepare(path: str, busy_timeout_ms: int, read_only: bool, check: bool) -> None:
+    """Blocking: check the file is a SQLite database (and sound, if `check`) and migrate
+    it; a read-only one must need no migration."""
+    conn = _raw_connect(path, busy_timeout_ms, read_only)
     try:
-        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if verdict != "ok":
-            raise StorageError(f"database {path} is damaged: {verdict}")
-        if migrate.apply(conn):
+        verdict = conn.execute("PRAGMA quick_check" if check else "PRAGMA schema_version")
+        result = verdict.fetchone()[0]
+        if check and result != "ok":
+            raise StorageError(f"database {path} is damaged: {result}")
+        if read_only:
+            if migrate.pending(conn):
+                raise StorageError(
+                    f"database {path} is read-only and needs migrating by this tiermem: "
+                    "open it once with write access"
+                )
+        elif migrate.apply(conn):
             _compact_if_mostly_free(conn, path)
     finally:
         conn.close()
@@ -266,14 +281,26 @@ class SQLiteStore:
         self._vector_reader = vector_reader
         self._write_lock = anyio.Lock()
         self.dimensions = 0
+        self.read_only = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @classmethod
     async def open(
-        cls, path: str | Path, embedding_model: str, dimensions: int, busy_timeout_ms: int = 10_000
+        cls,
+        path: str | Path,
+        embedding_model: str,
+        dimensions: int,
+        busy_timeout_ms: int = 10_000,
+        *,
+        read_only: bool = False,
+        check: bool = False,
     ) -> SQLiteStore:
-        """Open (creating and migrating) the database and check the embedding model."""
+        """Open (creating and migrating) the database and check the embedding model.
+
+        A file this process may not write is opened read-only (as is any with
+        `read_only`): reads work, every write is a `StorageError`. `check` runs SQLite's
+        `quick_check` first (a read of the whole file)."""
         target = str(path)
         if "\x00" in target:
             raise StorageError("cannot open a database whose path holds a NUL character")
@@ -282,17 +309,24 @@ class SQLiteStore:
             raise StorageError(
                 f"cannot open database {target!r}: give a file in an existing folder"
             )
+        exists = await anyio.Path(target).exists()
+        read_only = read_only or (exists and not os.access(target, os.W_OK))
+        if read_only and not exists:
+            raise StorageError(f"cannot open database {target} read-only: there is no such file")
         try:
-            await anyio.to_thread.run_sync(_prepare, target, busy_timeout_ms)
+            await anyio.to_thread.run_sync(_prepare, target, busy_timeout_ms, read_only, check)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database {target}: {exc}") from exc
         opened: list[aiosqlite.Connection] = []
         try:
             for _ in range(3):
-                conn = aiosqlite.Connection(lambda: _raw_connect(target, busy_timeout_ms), 64)
+                conn = aiosqlite.Connection(
+                    lambda: _raw_connect(target, busy_timeout_ms, read_only), 64
+                )
                 opened.append(conn)
                 await conn
             store = cls(target, *opened)
+            store.read_only = read_only
             await store._ensure_vectors(embedding_model, dimensions)
             return store
         except BaseException as exc:
@@ -326,6 +360,13 @@ class SQLiteStore:
                 "queries would silently return noise"
             )
         bits = -(-dims // 8) * 8
+        if self.read_only:
+            if known_model is None or not await self._read_all(
+                "SELECT 1 FROM sqlite_master WHERE name = 'message_index'", conn=self._writer
+            ):
+                raise StorageError(f"database {self.path} is read-only and was never written")
+            self.dimensions = dims
+            return
         async with self.transaction() as db:
             async with db.execute(
                 "SELECT name FROM sqlite_master WHERE name IN ('message_vectors', 'message_index')"
@@ -358,6 +399,8 @@ class SQLiteStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction; rolled back (shielded from cancellation) on any error."""
+        if self.read_only:
+            raise StorageError(f"database {self.path} is open read-only: nothing can change")
         async with self._write_lock:
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
