@@ -26,6 +26,7 @@ from .errors import InvalidInputError, NotFoundError, TierMemError
 from .types import DEFAULT_NAMESPACE, ROLES, Message
 
 MAX_LIMIT = 1000  # search hits, as the config's retrieval_limit
+MAX_NAME = 512  # characters in a session id or namespace, as the library allows
 MIGRATIONS_TABLE = "schema_migrations"  # in every tiermem database, from its first migration
 
 
@@ -114,7 +115,8 @@ def _check_fixture(path: Path) -> None:
             for m in session["messages"]:
                 if not isinstance(m, dict):
                     raise InvalidInputError(f"a message is {_kind(m)}, not an object")
-                _message({k: m.get(k) for k in ("role", "content", "id")}, 2**63)
+                fields = {k: v for k, v in m.items() if k in ("role", "content", "id")}
+                _message(fields, sys.maxsize)  # no size limit: the demo's own text
                 _check_name("a message id", m.get("id"))
         except TierMemError as exc:
             raise InvalidInputError(f"{path}: session {number}: {exc}") from exc
@@ -135,9 +137,12 @@ async def _chat(args: argparse.Namespace) -> int:
         # a line that is not UTF-8 ends the chat with one line (not a message of mojibake)
         sys.stdin.reconfigure(errors="strict")
     await _check_db(args.db, create=True)
-    return await run_chat(
-        args.db, args.session, args.namespace, _config(args), sys.stdin, sys.stdout
-    )
+    try:
+        return await run_chat(
+            args.db, args.session, args.namespace, _config(args), sys.stdin, sys.stdout
+        )
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"standard input is not UTF-8 text ({exc.reason})") from exc
 
 
 FIELDS = frozenset({"session_id", "namespace", "role", "content", "id", "created_at", "metadata"})
@@ -179,6 +184,8 @@ def _check_name(what: str, value: object) -> str:
     _check_unicode(what, value)
     if "\x00" in value:
         raise InvalidInputError(f"{what} contains a NUL character")
+    if len(value) > MAX_NAME:
+        raise InvalidInputError(f"{what} is longer than {MAX_NAME} characters")
     return value
 
 
@@ -205,9 +212,10 @@ def _check_date(value: object) -> datetime | None:
         raise InvalidInputError(f"created_at must be an ISO 8601 date string, not {_kind(value)}")
     try:
         when = datetime.fromisoformat(value)
-    except ValueError as exc:
+    except ValueError as exc:  # Python's reason, unless it only repeats the value
+        reason = "" if str(exc).startswith("Invalid isoformat") else f" ({exc})"
         raise InvalidInputError(
-            f"created_at {_shown(value)} is not an ISO 8601 date ({exc})"
+            f"created_at {_shown(value)} is not an ISO 8601 date{reason}"
         ) from exc
     try:  # stored as a POSIX timestamp, read back as a UTC datetime
         datetime.fromtimestamp(when.timestamp(), UTC)
@@ -312,14 +320,18 @@ def _read_jsonl(
 
 async def _check_stored(mgr: Any, by_session: dict[tuple[str, str], list[Message]]) -> None:
     """Refuse the file if one of its ids is stored with other content: found before any
-    session is written, so a failed ingest stores nothing."""
+    session is written (and without loading one), so a failed ingest changes nothing."""
     for (ns, sid), messages in by_session.items():
-        with_ids = {m.id: m for m in messages if m.id is not None}
-        if not with_ids or await mgr.get_session_state(sid, namespace=ns) is None:
+        given = {m.id: m for m in messages if m.id is not None}
+        if not given:
             continue
-        for stored in await mgr.get_conversation_history(sid, namespace=ns):
-            given = with_ids.get(stored.id)
-            if given is not None and (given.role, given.content) != (stored.role, stored.content):
+        try:
+            history = await mgr.get_conversation_history(sid, namespace=ns)
+        except NotFoundError:
+            continue
+        for stored in history:
+            new = given.get(stored.id)
+            if new is not None and (new.role, new.content) != (stored.role, stored.content):
                 raise InvalidInputError(
                     f"id {_shown(stored.id)} of session {_shown(sid)} is already stored "
                     "with other content"
@@ -344,7 +356,9 @@ async def _ingest(args: argparse.Namespace) -> int:
     from .intake import validate
 
     config = _config(args)
-    by_session = _read_jsonl(args.file, args.session, config.max_message_bytes)
+    by_session = await anyio.to_thread.run_sync(
+        _read_jsonl, args.file, args.session, config.max_message_bytes
+    )
     for messages in by_session.values():
         validate(messages, config.max_message_bytes)
     total = sum(len(m) for m in by_session.values())
@@ -421,7 +435,21 @@ async def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(output: str, db: str) -> None:
+    """Blocking: `--output` can be written, and is not the database (checked before the
+    database is opened, so a mistake leaves it untouched)."""
+    if os.path.isdir(output):
+        raise InvalidInputError(f"--output {output} is a folder")
+    if not os.path.isdir(os.path.dirname(output) or "."):
+        raise InvalidInputError(f"--output {output}: no such folder")
+    with contextlib.suppress(OSError, ValueError):
+        if os.path.samefile(output, db):
+            raise InvalidInputError(f"--output {output} is the database itself")
+
+
 async def _export(args: argparse.Namespace) -> int:
+    if args.output:
+        await anyio.to_thread.run_sync(_check_output, args.output, args.db)
     async with await _open(args) as mgr:
         sid, ns = args.session, args.namespace
         history = await mgr.get_conversation_history(sid, namespace=ns)
@@ -556,11 +584,11 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, BrokenPipeError):
         # the reader left (`| head`): stop quietly, and keep Python's flush at exit quiet too
         with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         return 1
-    if isinstance(exc, UnicodeDecodeError):  # standard input that is not UTF-8 text
-        message, status = f"the input is not UTF-8 text ({exc.reason})", 2
-    elif isinstance(exc, (TierMemError, OSError, json.JSONDecodeError)):
+    if isinstance(exc, (TierMemError, OSError)):
         message, status = str(exc), 2
     else:
         message, status = f"internal error (please report it): {type(exc).__name__}: {exc}", 1
@@ -574,7 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         _check_arguments(args)
-        return int(anyio.run(HANDLERS[args.command], args))
+        status = int(anyio.run(HANDLERS[args.command], args))
+        sys.stdout.flush()  # a reader that left (`| head`) is noticed here, not at exit
+        return status
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the promise: one line, never a traceback
