@@ -253,11 +253,15 @@ def test_ingest_refuses_a_folder_a_missing_file_and_oversized_content(
     assert main(["ingest", str(tmp_path / "nope.jsonl"), "--db", str(db)]) == 2
     assert "No such file" in one_line(capsys)
     log = tmp_path / "log.jsonl"
-    log.write_text(GOOD + "\n" + GOOD.replace("a good line", "x" * 11) + "\n", "utf-8")
+    log.write_text(GOOD + "\n" + GOOD.replace("a good line", "x" * 12) + "\n", "utf-8")
     config = tmp_path / "small.toml"
-    config.write_text("max_message_bytes = 10\n", "utf-8")
+    config.write_text("max_message_bytes = 11\n", "utf-8")  # as long as GOOD's content
     assert main(["ingest", str(log), "--db", str(db), "--config", str(config)]) == 2
-    assert ":1: content is 11 bytes; the limit is 10" in one_line(capsys)
+    assert ":2: content is 12 bytes; the limit is 11" in one_line(capsys)
+    # a JSON array of many messages on one line, not read whole into memory
+    log.write_text(GOOD + "\n[" + ", ".join([GOOD] * 20_000) + "]\n", "utf-8")
+    assert main(["ingest", str(log), "--db", str(db), "--config", str(config)]) == 2
+    assert f"{log}:2: longer than {66 + 2**20} bytes" in one_line(capsys)
     assert not db.exists()
 
 
@@ -437,6 +441,22 @@ def test_a_reader_that_leaves_early_is_not_an_error(stored_db: Path) -> None:
     assert process.wait(timeout=120) == 1
     assert process.stderr.read() == b""  # no traceback, no "Exception ignored"
     process.stderr.close()
+
+
+def test_closed_standard_streams(stored_db: Path, tmp_path: Path) -> None:
+    def run(command: str, db: Path) -> subprocess.CompletedProcess[bytes]:
+        # `<&-` and `>&-`: the shell starts the CLI with that stream closed
+        line = f'exec "$0" -m tiermem.cli {command} --db "$1"'
+        return subprocess.run(
+            ["sh", "-c", line, sys.executable, str(db)], capture_output=True, timeout=120
+        )
+
+    chat = run("chat <&-", tmp_path / "c.db")
+    assert chat.returncode == 2
+    assert chat.stderr == b"tiermem: chat reads standard input, and it is closed\n"
+    assert not (tmp_path / "c.db").exists()
+    sessions = run("sessions >&-", stored_db)
+    assert (sessions.returncode, sessions.stderr) == (0, b"")
 
 
 @pytest.mark.real_models

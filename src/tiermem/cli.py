@@ -133,6 +133,8 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
 
+    if sys.stdin is None:  # started with standard input closed
+        raise InvalidInputError("chat reads standard input, and it is closed")
     if isinstance(sys.stdin, io.TextIOWrapper):
         # a line that is not UTF-8 ends the chat with one line (not a message of mojibake)
         sys.stdin.reconfigure(errors="strict")
@@ -289,8 +291,14 @@ def _read_jsonl(
         raise InvalidInputError(f"{path} is a folder, not a JSONL file")
     by_session: dict[tuple[str, str], list[Message]] = {}
     ids: dict[tuple[str, str], dict[str, int]] = {}  # message id -> line, per session
+    # a line holds one message: its content (JSON may escape a byte as 6) and a little more
+    longest = 6 * max_bytes + 2**20
     with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
+        for number, raw in enumerate(iter(lambda: lines.readline(longest + 1), b""), start=1):
+            if len(raw) > longest:
+                raise InvalidInputError(
+                    f"{path}:{number}: longer than {longest} bytes (JSONL is one message a line)"
+                )
             if not raw.strip():
                 continue
             try:
@@ -603,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         _check_arguments(args)
         status = int(anyio.run(HANDLERS[args.command], args))
-        sys.stdout.flush()  # a reader that left (`| head`) is noticed here, not at exit
+        if sys.stdout is not None:  # a reader that left (`| head`) is noticed here, not at exit
+            sys.stdout.flush()
         return status
     except KeyboardInterrupt:
         return 130
