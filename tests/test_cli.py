@@ -143,6 +143,11 @@ BAD_LINES = [
     pytest.param(GOOD[:-1] + ', "metadata": {"x": 1e999}}', "number too large", id="inf"),
     pytest.param(GOOD[:-1] + ', "metadata": ' + "9" * 5000 + "}", "too many digits", id="huge-int"),
     pytest.param("[" * 100_000 + "]" * 100_000, "nested too deeply", id="deep"),
+    pytest.param(
+        GOOD[:-1] + ', "metadata": {"a": ' + "[" * 980 + "]" * 980 + "}}",
+        "metadata is nested more than 100 levels deep",
+        id="deep-metadata",
+    ),
     # fields missing, unknown, or of the wrong type
     pytest.param('{"session_id": "s", "role": "user"}', ":2: no 'content'", id="no-content"),
     pytest.param('{"session_id": "s", "content": "x"}', ":2: no 'role'", id="no-role"),

@@ -1,6 +1,8 @@
 """The `tiermem` command line: demo, chat, ingest, search, sessions, status, maintain,
-delete-session, export-session. A user mistake (a missing file, an unknown session, a bad
-query or config) prints one line and exits 2; nothing is half done."""
+delete-session, export-session. A user mistake (a missing file, a bad line in one, an
+unknown session, a bad argument, database or config) prints one line and exits 2, and
+nothing is half done: the CLI checks what it reads itself, whatever the library checks. An
+unexpected error prints one line and exits 1. Never a traceback."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .types import DEFAULT_NAMESPACE, ROLES, Message
 
 MAX_LIMIT = 1000  # search hits, as the config's retrieval_limit
 MAX_NAME = 512  # characters in a session id or namespace, as the library allows
+MAX_DEPTH = 100  # levels of nesting in a line's metadata
 MIGRATIONS_TABLE = "schema_migrations"  # in every tiermem database, from its first migration
 
 
@@ -191,19 +194,22 @@ def _check_name(what: str, value: object) -> str:
     return value
 
 
-def _check_json(what: str, value: object) -> None:
-    """Every string in `value` valid Unicode and every number finite (JSON's own rules)."""
+def _check_json(what: str, value: object, depth: int = 0) -> None:
+    """Every string in `value` valid Unicode, every number finite (JSON's own rules), and
+    not so deeply nested that storing it (as JSON again) would overflow Python's stack."""
+    if depth > MAX_DEPTH:
+        raise InvalidInputError(f"{what} is nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, str):
         _check_unicode(what, value)
     elif isinstance(value, float) and not math.isfinite(value):
         raise InvalidInputError(f"{what} holds a number too large for JSON")
     elif isinstance(value, list):
         for item in value:
-            _check_json(what, item)
+            _check_json(what, item, depth + 1)
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_unicode(f"a key in {what}", key)
-            _check_json(what, item)
+            _check_json(what, item, depth + 1)
 
 
 def _check_date(value: object) -> datetime | None:
@@ -577,9 +583,10 @@ HANDLERS: dict[str, Any] = {
 }
 
 
-def _printable(text: str) -> str:
-    """`text` on one line, any lone surrogate (an undecodable file name) escaped."""
+def _printable(text: str, width: int = 1000) -> str:
+    """`text` on one short line, any lone surrogate (an undecodable file name) escaped."""
     flat = " ".join(text.splitlines())
+    flat = flat if len(flat) <= width else flat[: width - 1] + "…"
     return flat.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
