@@ -1,23 +1,36 @@
 """The `tiermem` command line: demo, chat, ingest, search, sessions, status, maintain,
-delete-session, export-session. A user mistake (a missing file, an unknown session, a bad
-query or config) prints one line and exits 2; nothing is half done."""
+delete-session, export-session. A user mistake (a missing file, a bad line in one, an
+unknown session, a bad argument, database or config) prints one line and exits 2, and
+nothing is half done: the CLI checks what it reads itself, whatever the library checks. An
+unexpected error prints one line and exits 1. Never a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import math
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
 
 import anyio
+import anyio.to_thread
 
 from .config import KVCacheConfig
 from .errors import InvalidInputError, NotFoundError, TierMemError
-from .types import DEFAULT_NAMESPACE, Message
+from .types import DEFAULT_NAMESPACE, ROLES, Message
+
+MAX_LIMIT = 1000  # search hits, as the config's retrieval_limit
+MAX_NAME = 512  # characters in a session id or namespace, as the library allows
+MAX_DEPTH = 100  # levels of nesting in a line's metadata
+MIGRATIONS_TABLE = "schema_migrations"  # in every tiermem database, from its first migration
 
 
 def _config(args: argparse.Namespace) -> KVCacheConfig:
@@ -26,14 +39,43 @@ def _config(args: argparse.Namespace) -> KVCacheConfig:
     return KVCacheConfig.from_env()
 
 
+def _tables(path: str) -> set[str] | None:
+    """Blocking: the tables of the SQLite file at `path`, read without writing; None when it
+    cannot be read here (not SQLite, locked, damaged: opening it says which)."""
+    uri = Path(path).absolute().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=0)
+        try:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return {row[0] for row in rows}
+
+
+async def _check_db(path: str, create: bool) -> None:
+    """`--db` names a tiermem database (or, if `create`, no file yet): not a folder, and not
+    another program's SQLite file, which opening would migrate."""
+    db = anyio.Path(path)
+    if await db.is_dir():
+        raise InvalidInputError(f"{path} is a folder, not a database")
+    exists = await db.is_file()
+    if not exists and not create:
+        raise TierMemError(f"no database at {path}")
+    tables = await anyio.to_thread.run_sync(_tables, path) if exists else None
+    if tables is not None and MIGRATIONS_TABLE not in tables and (tables or not create):
+        held = f"it holds {', '.join(map(_shown, sorted(tables)[:3]))}" if tables else "it is empty"
+        raise InvalidInputError(f"{path} is not a tiermem database ({held})")
+
+
 async def _open(
     args: argparse.Namespace, config: KVCacheConfig | None = None, *, create: bool = False
 ) -> Any:
     """The manager on `--db`; a database that is not there is an error unless `create`."""
     from .manager import KVCacheManager
 
-    if not create and not await anyio.Path(args.db).is_file():
-        raise TierMemError(f"no database at {args.db}")
+    await _check_db(args.db, create)
     return await KVCacheManager.open(args.db, config or _config(args))
 
 
@@ -53,54 +95,261 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _check_fixture(path: Path) -> None:
+    """The demo's conversation file, as the demo reads it: {"sessions": [{"session_id",
+    "system", "messages": [{"id", "role", "content"}, ...]}, ...]}."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path}: not UTF-8 text") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInputError(f"{path}: not JSON") from exc
+    sessions = data.get("sessions") if isinstance(data, dict) else None
+    if not isinstance(sessions, list):
+        raise InvalidInputError(f"{path}: expected an object with a list of sessions")
+    for number, session in enumerate(sessions, start=1):
+        try:
+            if not isinstance(session, dict) or not isinstance(session.get("messages"), list):
+                raise InvalidInputError("expected an object with a list of messages")
+            _check_name("session_id", session.get("session_id"))
+            _check_json("system", session.get("system"))
+            if not isinstance(session.get("system"), str):
+                raise InvalidInputError("system must be a string")
+            for m in session["messages"]:
+                if not isinstance(m, dict):
+                    raise InvalidInputError(f"a message is {_kind(m)}, not an object")
+                fields = {k: v for k, v in m.items() if k in ("role", "content", "id")}
+                _message(fields, sys.maxsize)  # no size limit: the demo's own text
+                _check_name("a message id", m.get("id"))
+        except TierMemError as exc:
+            raise InvalidInputError(f"{path}: session {number}: {exc}") from exc
 
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .demo import find_fixture, run_demo
+
+    await anyio.to_thread.run_sync(_check_fixture, find_fixture(args.fixture))
+    await _check_db(args.db, create=True)
     return await run_demo(args.db, args.fixture, sys.stdout, _config(args))
 
 
 async def _chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
 
-    return await run_chat(
-        args.db, args.session, args.namespace, _config(args), sys.stdin, sys.stdout
-    )
+    if sys.stdin is None:  # started with standard input closed
+        raise InvalidInputError("chat reads standard input, and it is closed")
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # a line that is not UTF-8 ends the chat with one line (not a message of mojibake)
+        sys.stdin.reconfigure(errors="strict")
+    await _check_db(args.db, create=True)
+    try:
+        return await run_chat(
+            args.db, args.session, args.namespace, _config(args), sys.stdin, sys.stdout
+        )
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"standard input is not UTF-8 text ({exc.reason})") from exc
 
 
-def _read_jsonl(path: str, session: str | None) -> dict[tuple[str, str], list[Message]]:
+FIELDS = frozenset({"session_id", "namespace", "role", "content", "id", "created_at", "metadata"})
+
+
+def _shown(value: object, width: int = 40) -> str:
+    """`value` for an error message: its repr, cut short (a bad line can be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _kind(value: object) -> str:
+    """The JSON name of `value`'s type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _check_unicode(what: str, value: str) -> None:
+    """A lone surrogate (from JSON's \\ud800 or a non-UTF-8 argument) is not text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{what} is not valid Unicode (a lone surrogate)") from exc
+
+
+def _check_name(what: str, value: object) -> str:
+    """A session id, namespace or message id: a non-blank string, valid Unicode, no NUL."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a string, not {_kind(value)}")
+    if not value.strip():
+        raise InvalidInputError(f"{what} is empty")
+    _check_unicode(what, value)
+    if "\x00" in value:
+        raise InvalidInputError(f"{what} contains a NUL character")
+    if len(value) > MAX_NAME:
+        raise InvalidInputError(f"{what} is longer than {MAX_NAME} characters")
+    return value
+
+
+def _check_json(what: str, value: object, depth: int = 0) -> None:
+    """Every string in `value` valid Unicode, every number finite (JSON's own rules), and
+    not so deeply nested that storing it (as JSON again) would overflow Python's stack."""
+    if depth > MAX_DEPTH:
+        raise InvalidInputError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        _check_unicode(what, value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInputError(f"{what} holds a number too large for JSON")
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(what, item, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(f"a key in {what}", key)
+            _check_json(what, item, depth + 1)
+
+
+def _check_date(value: object) -> datetime | None:
+    """`created_at`: null, or an ISO 8601 date that the database can store and give back."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"created_at must be an ISO 8601 date string, not {_kind(value)}")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError as exc:  # Python's reason, unless it only repeats the value
+        reason = "" if str(exc).startswith("Invalid isoformat") else f" ({exc})"
+        raise InvalidInputError(
+            f"created_at {_shown(value)} is not an ISO 8601 date{reason}"
+        ) from exc
+    try:  # stored as a POSIX timestamp, read back as a UTC datetime
+        datetime.fromtimestamp(when.timestamp(), UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise InvalidInputError(f"created_at {_shown(value)} is out of range") from exc
+    return when
+
+
+def _parse_line(raw: bytes, first: bool) -> dict[str, Any]:
+    """One JSONL line as a JSON object: UTF-8 (a BOM allowed on the first line), strict JSON
+    (no NaN or Infinity), strings valid Unicode."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"not UTF-8 text (byte {exc.start + 1} of the line)") from exc
+
+    def constant(name: str) -> Any:
+        raise InvalidInputError(f"not JSON ({name} is not a JSON number)")
+
+    try:
+        row = json.loads(line, parse_constant=constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"not JSON ({exc.msg}, column {exc.colno})") from exc
+    except ValueError as exc:  # Python refuses integers of thousands of digits
+        raise InvalidInputError("not JSON (a number with too many digits)") from exc
+    except RecursionError as exc:
+        raise InvalidInputError("not JSON (nested too deeply)") from exc
+    if not isinstance(row, dict):
+        raise InvalidInputError(f"expected a JSON object, not {_kind(row)}")
+    for field, value in row.items():
+        _check_unicode("a field name", field)
+        _check_json(field, value)
+    return row
+
+
+def _message(row: dict[str, Any], max_bytes: int) -> Message:
+    """The message of a parsed line, every field checked here (the CLI's promise does not
+    depend on what the library checks)."""
+    unknown = sorted(set(row) - FIELDS)
+    if unknown:
+        raise InvalidInputError(f"unknown fields {', '.join(map(_shown, unknown[:5]))}")
+    for field in ("role", "content"):
+        if field not in row:
+            raise InvalidInputError(f"no {field!r} (each line needs role and content)")
+    role, content = row["role"], row["content"]
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidInputError(
+            f"role must be one of {', '.join(sorted(ROLES))}, not {_shown(role)}"
+        )
+    if not isinstance(content, str):
+        raise InvalidInputError(f"content must be a string, not {_kind(content)}")
+    size = len(content.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidInputError(f"content is {size} bytes; the limit is {max_bytes}")
+    mid = row.get("id")
+    if mid is not None:
+        _check_name("id", mid)
+    metadata = row.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidInputError(f"metadata must be an object, not {_kind(metadata)}")
+    created = _check_date(row.get("created_at"))
+    return Message(role, content, id=mid, metadata=metadata, created_at=created)
+
+
+def _read_jsonl(
+    path: str, session: str | None, max_bytes: int
+) -> dict[tuple[str, str], list[Message]]:
     """Messages by (namespace, session), in file order; every line checked before any is
     stored."""
+    if os.path.isdir(path):
+        raise InvalidInputError(f"{path} is a folder, not a JSONL file")
     by_session: dict[tuple[str, str], list[Message]] = {}
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError(f"{where}: not JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise InvalidInputError(f"{where}: expected a JSON object")
-            sid = row.pop("session_id", None) or session
-            if not sid:
-                raise InvalidInputError(f"{where}: no session_id (or pass --session)")
-            ns = row.pop("namespace", None) or DEFAULT_NAMESPACE
-            try:
-                created = row.pop("created_at", None)
-                message = Message(
-                    row.pop("role"),
-                    row.pop("content"),
-                    id=row.pop("id", None),
-                    metadata=row.pop("metadata", None),
-                    created_at=datetime.fromisoformat(created) if created else None,
+    ids: dict[tuple[str, str], dict[str, int]] = {}  # message id -> line, per session
+    # a line holds one message: its content (JSON may escape a byte as 6) and a little more
+    longest = 6 * max_bytes + 2**20
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(iter(lambda: lines.readline(longest + 1), b""), start=1):
+            if len(raw) > longest:
+                raise InvalidInputError(
+                    f"{path}:{number}: longer than {longest} bytes (JSONL is one message a line)"
                 )
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InvalidInputError(f"{where}: {exc!s} (need role and content)") from exc
-            if row:
-                raise InvalidInputError(f"{where}: unknown fields {sorted(row)}")
-            by_session.setdefault((ns, str(sid)), []).append(message)
+            if not raw.strip():
+                continue
+            try:
+                row = _parse_line(raw, number == 1)
+                sid = row.pop("session_id", None)
+                sid = session if sid is None else _check_name("session_id", sid)
+                if sid is None:
+                    raise InvalidInputError("no session_id (or pass --session)")
+                ns = row.pop("namespace", None)
+                ns = DEFAULT_NAMESPACE if ns is None else _check_name("namespace", ns)
+                message = _message(row, max_bytes)
+            except TierMemError as exc:
+                raise InvalidInputError(f"{path}:{number}: {exc}") from exc
+            seen = ids.setdefault((ns, sid), {})
+            if message.id is not None:
+                if message.id in seen:
+                    raise InvalidInputError(
+                        f"{path}:{number}: id {_shown(message.id)} is already used on line "
+                        f"{seen[message.id]} for session {_shown(sid)}"
+                    )
+                seen[message.id] = number
+            by_session.setdefault((ns, sid), []).append(message)
+    if not by_session:
+        raise InvalidInputError(f"{path} holds no messages")
     return by_session
+
+
+async def _check_stored(mgr: Any, by_session: dict[tuple[str, str], list[Message]]) -> None:
+    """Refuse the file if one of its ids is stored with other content: found before any
+    session is written (and without loading one), so a failed ingest changes nothing."""
+    for (ns, sid), messages in by_session.items():
+        given = {m.id: m for m in messages if m.id is not None}
+        if not given:
+            continue
+        try:
+            history = await mgr.get_conversation_history(sid, namespace=ns)
+        except NotFoundError:
+            continue
+        for stored in history:
+            new = given.get(stored.id)
+            if new is not None and (new.role, new.content) != (stored.role, stored.content):
+                raise InvalidInputError(
+                    f"id {_shown(stored.id)} of session {_shown(sid)} is already stored "
+                    "with other content"
+                )
 
 
 class _Progress:
@@ -120,14 +369,17 @@ class _Progress:
 async def _ingest(args: argparse.Namespace) -> int:
     from .intake import validate
 
-    by_session = _read_jsonl(args.file, args.session)
     config = _config(args)
+    by_session = await anyio.to_thread.run_sync(
+        _read_jsonl, args.file, args.session, config.max_message_bytes
+    )
     for messages in by_session.values():
         validate(messages, config.max_message_bytes)
     total = sum(len(m) for m in by_session.values())
     bar = _Progress(total)
     new = 0
     async with await _open(args, config, create=True) as mgr:
+        await _check_stored(mgr, by_session)
         for (ns, sid), messages in by_session.items():
             seen = [0]
 
@@ -143,8 +395,6 @@ async def _ingest(args: argparse.Namespace) -> int:
 
 
 async def _search(args: argparse.Namespace) -> int:
-    if not args.query.strip():
-        raise InvalidInputError("the query is empty")
     async with await _open(args) as mgr:
         hits = await mgr.retrieve_context(
             args.session, args.query, limit=args.limit, namespace=args.namespace
@@ -199,7 +449,21 @@ async def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(output: str, db: str) -> None:
+    """Blocking: `--output` can be written, and is not the database (checked before the
+    database is opened, so a mistake leaves it untouched)."""
+    if os.path.isdir(output):
+        raise InvalidInputError(f"--output {output} is a folder")
+    if not os.path.isdir(os.path.dirname(output) or "."):
+        raise InvalidInputError(f"--output {output}: no such folder")
+    with contextlib.suppress(OSError, ValueError):
+        if os.path.samefile(output, db):
+            raise InvalidInputError(f"--output {output} is the database itself")
+
+
 async def _export(args: argparse.Namespace) -> int:
+    if args.output:
+        await anyio.to_thread.run_sync(_check_output, args.output, args.db)
     async with await _open(args) as mgr:
         sid, ns = args.session, args.namespace
         history = await mgr.get_conversation_history(sid, namespace=ns)
@@ -217,16 +481,48 @@ async def _export(args: argparse.Namespace) -> int:
     text = json.dumps(exported, indent=2, default=str, ensure_ascii=False) + "\n"
     if args.output:
         await anyio.Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote {len(history)} messages to {args.output}")
+        print(f"wrote {len(history)} messages to {_printable(args.output)}")
     else:
         sys.stdout.write(text)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported as one line like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidInputError(f"{message} (see {self.prog} --help)")
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {_shown(text)}") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}, not {value}")
+    return value
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The command line's names and paths, checked before anything is opened."""
+    for name, what in (("session", "the session id"), ("namespace", "--namespace")):
+        if getattr(args, name, None) is not None:
+            _check_name(what, getattr(args, name))
+    for name in ("db", "config", "file", "output", "fixture"):
+        path = getattr(args, name, None)
+        if path is not None and (not path or "\x00" in path):
+            what = "the file" if name == "file" else f"--{name}"
+            raise InvalidInputError(f"{what} is empty" if not path else f"{what} contains NUL")
+    query = getattr(args, "query", None)
+    if query is not None:
+        _check_unicode("the query", query)
+        if not query.strip():
+            raise InvalidInputError("the query is empty")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tiermem", description="Tiered conversational memory in one SQLite file."
-    )
+    parser = _Parser(prog="tiermem", description="Tiered conversational memory in one SQLite file.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str, *, session: bool = False, json_: bool = False) -> Any:
@@ -258,7 +554,7 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--session", help="session id for lines without session_id")
     search = add("search", "Search a session's memory (all three tiers).", session=True, json_=True)
     search.add_argument("query", help="what to look for")
-    search.add_argument("--limit", type=int, default=10, help="hits to show (default: 10)")
+    search.add_argument("--limit", type=_limit, default=10, help="hits to show (default: 10)")
     add("sessions", "List stored sessions with their sizes and last activity.", json_=True)
     add(
         "status",
@@ -287,17 +583,48 @@ HANDLERS: dict[str, Any] = {
 }
 
 
+def _printable(text: str, width: int = 1000) -> str:
+    """`text` on one short line, any lone surrogate (an undecodable file name) escaped."""
+    flat = " ".join(text.splitlines())
+    flat = flat if len(flat) <= width else flat[: width - 1] + "…"
+    return flat.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _report(exc: BaseException) -> int:
+    """One line on stderr for `exc`; the exit status: 2 for a user's mistake, 1 for a bug."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]  # a task group's error: the first is the cause
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, BrokenPipeError):
+        # the reader left (`| head`): stop quietly, and keep Python's flush at exit quiet too
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 1
+    if isinstance(exc, (TierMemError, OSError)):
+        message, status = str(exc), 2
+    else:
+        message, status = f"internal error (please report it): {type(exc).__name__}: {exc}", 1
+    print(f"tiermem: {_printable(message)}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     # the command's own output only: no weight-loading progress bars from transformers
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        return int(anyio.run(HANDLERS[args.command], args))
-    except (TierMemError, OSError, json.JSONDecodeError) as exc:
-        print(f"tiermem: {exc}", file=sys.stderr)
-        return 2
+        args = _parser().parse_args(argv)
+        _check_arguments(args)
+        status = int(anyio.run(HANDLERS[args.command], args))
+        if sys.stdout is not None:  # a reader that left (`| head`) is noticed here, not at exit
+            sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the promise: one line, never a traceback
+        return _report(exc)
 
 
 if __name__ == "__main__":
