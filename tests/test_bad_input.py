@@ -186,7 +186,7 @@ def set_read_only(path: Path, read_only: bool) -> None:
         path.chmod(0o444 if read_only else 0o644)
 
 
-async def test_a_read_only_database_file_is_refused_and_kept(
+async def test_a_read_only_database_file_serves_reads_and_is_kept(
     open_manager: Callable[..., Any], db_path: Path
 ) -> None:
     async with await open_manager() as mgr:
@@ -194,8 +194,12 @@ async def test_a_read_only_database_file_is_refused_and_kept(
     before = await anyio.Path(db_path).read_bytes()
     set_read_only(db_path, True)
     try:
-        with pytest.raises(tiermem.StorageError, match="readonly"):
-            await open_manager()
+        async with await open_manager() as mgr:
+            assert [s.session_id for s in await mgr.list_sessions()] == ["s"]
+            assert await mgr.get_conversation_history("s")
+            await mgr.retrieve_context("s", "what did we plan?")
+            with pytest.raises(tiermem.StorageError, match="read-only"):
+                await mgr.process_conversation("s", turn(1))
     finally:
         set_read_only(db_path, False)
     assert await anyio.Path(db_path).read_bytes() == before

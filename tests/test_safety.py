@@ -407,3 +407,35 @@ async def test_a_closed_manager_refuses_every_call(manager: tiermem.KVCacheManag
     for call in calls:
         with pytest.raises(tiermem.ManagerClosedError):
             await call
+
+
+async def test_a_read_only_database_still_serves_reads(
+    open_manager: Callable[..., Any],
+) -> None:
+    async with await open_manager() as mgr:
+        await mgr.process_conversation("s", [Message("user", "the harbour is north", id="m0")])
+    async with await open_manager(config=config(read_only=True)) as mgr:
+        assert [s.session_id for s in await mgr.list_sessions()] == ["s"]
+        assert (await mgr.retrieve_context("s", "where is the harbour?")).entries
+        assert await mgr.get_session_state("s") is not None
+        assert [m.id for m in await mgr.get_conversation_history("s")] == ["m0"]
+        await mgr.status()
+        await mgr.storage_status()
+        with pytest.raises(tiermem.StorageError):
+            await mgr.process_conversation("s", [Message("user", "more", id="m1")])
+        with pytest.raises(tiermem.StorageError):
+            await mgr.delete_session("s")
+    assert await stored_ids(open_manager, "s") == ["m0"]
+
+
+async def test_another_programs_database_is_refused_untouched(
+    open_manager: Callable[..., Any], db_path: Path
+) -> None:
+    other = sqlite3.connect(str(db_path))
+    other.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    other.commit()
+    other.close()
+    before = await anyio.Path(db_path).read_bytes()
+    with pytest.raises(tiermem.StorageError, match="not a tiermem database"):
+        await open_manager()
+    assert await anyio.Path(db_path).read_bytes() == before

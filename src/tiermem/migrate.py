@@ -56,12 +56,13 @@ def apply(conn: Any, migrations: Sequence[Migration] | None = None) -> list[int]
     `BEGIN IMMEDIATE` takes the write lock first, so two processes opening one new file
     cannot both apply the same migration.
     """
+    check_ours(conn)
+    known = available() if migrations is None else list(migrations)
+    check_not_newer(conn, known)
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
-    known = available() if migrations is None else list(migrations)
-    check_not_newer(conn, known)
     applied_now = []
     for migration in known:
         with _foreign_keys_off(conn) if migration.rebuilds_tables else nullcontext():
@@ -91,9 +92,25 @@ def check_not_newer(conn: Any, known: Sequence[Migration]) -> None:
         )
 
 
+def check_ours(conn: Any) -> None:
+    """Refuse a database of another program (tables, but no tiermem migration recorded):
+    tiermem's tables are not added to it."""
+    if recorded(conn):
+        return
+    foreign = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        " AND name != 'schema_migrations' LIMIT 1"
+    ).fetchone()
+    if foreign:
+        raise StorageError(
+            f"not a tiermem database: it holds other tables (such as {foreign[0]!r})"
+        )
+
+
 def pending(conn: Any) -> list[Migration]:
     """The shipped migrations not applied to the database yet (checking it is not newer)."""
     known = available()
+    check_ours(conn)
     check_not_newer(conn, known)
     done = recorded(conn)
     return [m for m in known if m.version not in done]

@@ -24,10 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import urllib.request
 import logging
+import os
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -133,7 +133,7 @@ class SnapshotEntryRow:
     kv_bytes: int
 
 
-def _raw_connect(path: str, busy_timeout_ms: int, read_only: bool = False) -> Any:
+def _raw_connect(path: str, busy_timeout_ms: int, read_only: bool = False, wal: bool = True) -> Any:
     if read_only:  # SQLite refuses every write on it, whoever the process runs as
         uri = f"file:{urllib.request.pathname2url(os.path.abspath(path))}?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -145,7 +145,7 @@ def _raw_connect(path: str, busy_timeout_ms: int, read_only: bool = False) -> An
         conn.enable_load_extension(False)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
-        if not read_only:
+        if wal and not read_only:
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         # deleted rows and freed pages are overwritten with zeros, not left in the file
@@ -159,7 +159,8 @@ def _raw_connect(path: str, busy_timeout_ms: int, read_only: bool = False) -> An
 def _prepare(path: str, busy_timeout_ms: int, read_only: bool, check: bool) -> None:
     """Blocking: check the file is a SQLite database (and sound, if `check`) and migrate
     it; a read-only one must need no migration."""
-    conn = _raw_connect(path, busy_timeout_ms, read_only)
+    # WAL only once the file is known to be tiermem's: the mode is written in the file
+    conn = _raw_connect(path, busy_timeout_ms, read_only, wal=False)
     try:
         verdict = conn.execute("PRAGMA quick_check" if check else "PRAGMA schema_version")
         result = verdict.fetchone()[0]
@@ -171,7 +172,10 @@ def _prepare(path: str, busy_timeout_ms: int, read_only: bool, check: bool) -> N
                     f"database {path} is read-only and needs migrating by this tiermem: "
                     "open it once with write access"
                 )
-        elif migrate.apply(conn):
+            return
+        migrate.check_ours(conn)
+        conn.execute("PRAGMA journal_mode = WAL")
+        if migrate.apply(conn):
             _compact_if_mostly_free(conn, path)
     finally:
         conn.close()
