@@ -42,18 +42,26 @@ STOP_WORDS = frozenset(
     mean get got like""".split()  # noqa: SIM905
 )
 
-# Possessive quantifiers and the word start before a call keep every branch linear: a run
-# of word characters is tried as a function name once, from its start, not from each of
-# its characters (80 000 hex digits took a minute); a line's blank space is read once.
-_CODE = re.compile(
-    r"```"
-    r"|^[^\S\n]*+(?:def|class|import|from|function|const|let|var|public|private|fn|func"
-    r"|#include)\b"
-    r"|[;{}][^\S\n]*+$"
-    r"|=>"
-    r"|\b\w++\([^()]*+\)\s*+[{:]",
-    re.MULTILINE,
-)
+
+def _code_pattern(line_end: str, word_end: str) -> re.Pattern[str]:
+    # Possessive quantifiers and the word start before a call keep every branch linear: a
+    # run of word characters is tried as a function name once, from its start, not from
+    # each of its characters (80 000 hex digits took a minute); blank runs are read once.
+    return re.compile(
+        r"```"
+        r"|^[^\S\n]*+(?:def|class|import|from|function|const|let|var|public|private|fn|func"
+        rf"|#include){word_end}"
+        rf"|[;{{}}][^\S\n]*+{line_end}"
+        r"|=>"
+        r"|\b\w++\([^()]*+\)\s*+[{:]",
+        re.MULTILINE,
+    )
+
+
+_CODE = _code_pattern(line_end="$", word_end=r"\b")
+# for an opening searched up to a cut (`endpos`), where "$" and "\b" would take the cut for
+# the text's end: only a real line break or non-word character counts
+_CODE_OPENING = _code_pattern(line_end=r"(?=\n)", word_end=r"(?=\W)")
 
 
 def head(text: str, limit: int) -> str:
@@ -126,13 +134,10 @@ def looks_like_code(text: str) -> bool:
     A long text is read at its opening and its end only."""
     if len(text) <= CODE_HEAD_CHARS + CODE_TAIL_CHARS:
         return _CODE.search(text) is not None
-    # the opening ends at a line break where there is one, so that "$" means a real line
-    # end; the end is searched in place, so that "^" means a real line start
-    end = text.rfind("\n", 0, CODE_HEAD_CHARS)
-    if end <= 0:
-        end = CODE_HEAD_CHARS
+    # the end is searched in place (from a position, not a slice), so that "^" and "\b"
+    # there see the text before it
     return (
-        _CODE.search(text, 0, end) is not None
+        _CODE_OPENING.search(text, 0, CODE_HEAD_CHARS) is not None
         or _CODE.search(text, len(text) - CODE_TAIL_CHARS) is not None
     )
 
