@@ -18,7 +18,7 @@ from collections.abc import Iterable
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
 
 # how much of a text each kind of look reads (characters)
-HEAD_CHARS = 64 * 1024  # its words: keywords, matched keywords, names
+HEAD_CHARS = 64 * 1024  # its words: keywords and matched keywords
 QUERY_CHARS = 4096  # a query's cues and keywords
 CODE_HEAD_CHARS = 16 * 1024  # code detection: the opening...
 CODE_TAIL_CHARS = 4096  # ...and the end, where a pasted snippet often sits
