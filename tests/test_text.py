@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tiermem import text
 from tiermem.cache import entry_type
-from tiermem.query import END_SECOND, FIRST_SECOND, analyse, time_window, to_datetime
+from tiermem.query import END_SECOND, FIRST_SECOND, analyse, time_window
 from tiermem.retrieval import names_in
 from tiermem.scoring import content_score
 
@@ -181,7 +181,7 @@ def test_a_long_query_keeps_the_cues_of_its_opening() -> None:
     cues = analyse(query, NOW)
     assert cues.role == "user"
     assert cues.window is not None
-    assert to_datetime(cues.window[0]).date().isoformat() == "2025-08-06"
+    assert datetime.fromtimestamp(cues.window[0], UTC).date().isoformat() == "2025-08-06"
     assert "knee" in text.keywords(cues.topic)
 
 
@@ -298,29 +298,3 @@ def test_a_named_day_is_found_in_any_year(day: Any, reference: datetime) -> None
 @pytest.mark.parametrize("query", ["2024-13-45", "0000-05-01", "2023-02-29", "in May 0000"])
 def test_a_day_that_does_not_exist_names_no_window(query: str) -> None:
     assert time_window(query, NOW) is None
-
-
-@pytest.mark.parametrize(
-    ("seconds", "expected"),
-    [
-        (0.0, datetime(1970, 1, 1, tzinfo=UTC)),
-        (datetime(9999, 12, 31, tzinfo=UTC).timestamp(), datetime(9999, 12, 31, tzinfo=UTC)),
-        (datetime(1, 1, 1, tzinfo=UTC).timestamp(), datetime(1, 1, 1, tzinfo=UTC)),
-        (
-            datetime.max.replace(tzinfo=UTC).timestamp(),
-            datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC),
-        ),
-        (1e300, datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
-        (-1e300, datetime(1, 1, 1, tzinfo=UTC)),
-    ],
-)
-def test_to_datetime_clamps_to_the_calendar(seconds: float, expected: datetime) -> None:
-    assert to_datetime(seconds) == expected
-
-
-def test_to_datetime_matches_fromtimestamp_inside_the_calendar() -> None:
-    moment = datetime(2025, 3, 4, 5, 6, 7, 890000, tzinfo=UTC)
-    assert to_datetime(moment.timestamp()) == moment
-    assert to_datetime(moment.timestamp()) + timedelta(days=1) == datetime.fromtimestamp(
-        moment.timestamp() + 86400, UTC
-    )

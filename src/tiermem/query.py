@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from . import text
+from .types import timestamp_to_datetime
 
 MONTHS = {
     name: i + 1
@@ -92,19 +93,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # the calendar's range in POSIX seconds: from 0001-01-01 up to (excluding) 10000-01-01
 FIRST_SECOND = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds()
 END_SECOND = (datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH).total_seconds() + DAY
-# the last whole second a datetime holds
+# the last whole second of the calendar (its float end is rounded: 10000-01-01)
 _LAST_SECOND = END_SECOND - 1.0
 # "N days ago" with more digits than this is before year 1, whatever the reference
 _MAX_COUNT_DIGITS = 9
-
-
-def to_datetime(seconds: float) -> datetime:
-    """The UTC datetime of POSIX `seconds`, clamped to years 1-9999. Never raises, unlike
-    `datetime.fromtimestamp`, which fails past the calendar's ends (and, by rounding, just
-    before them). NaN reads as the epoch."""
-    if math.isnan(seconds):
-        return _EPOCH
-    return _EPOCH + timedelta(seconds=min(max(seconds, FIRST_SECOND), _LAST_SECOND))
 
 
 def analyse(query: str, reference: float) -> QueryCues:
@@ -135,7 +127,7 @@ def time_window(query: str, reference: float) -> tuple[float, float] | None:
         return None
     query = text.head(query, text.QUERY_CHARS)
     reference = min(max(reference, FIRST_SECOND), _LAST_SECOND)
-    now = to_datetime(reference)
+    now = timestamp_to_datetime(reference)
 
     if match := _ISO_DATE.search(query):
         start = _day_start(int(match[1]), int(match[2]), int(match[3]))
