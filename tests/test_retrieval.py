@@ -231,3 +231,47 @@ async def test_escalating_mode_stops_at_tier_1_when_it_finds_enough(
     assert {e.source_tier for e in hits.entries} == {1}
     manager.update_config(retrieval_mode="hybrid")
     assert (await manager.retrieve_context("s", "teal bicycle")).tiers_searched == [1, 2, 3]
+
+
+async def test_time_cues_work_at_the_ends_of_the_calendar(
+    manager: tiermem.KVCacheManager,
+) -> None:
+    first, last = datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)
+    await store(
+        manager,
+        [
+            Message("user", "I planted tulips in the garden", id="tulips", created_at=first),
+            Message("assistant", "Lovely.", id="tulips-a", created_at=first),
+            Message("user", "My flight to Lisbon is booked", id="flight", created_at=last),
+            Message("assistant", "Safe travels.", id="flight-a", created_at=last),
+        ],
+    )
+    # the session's "now" is its newest message: 9999-12-31
+    for query in ("what did I say last week about my flight?", "my flight 3 days ago?"):
+        hits = await manager.retrieve_context("s", query)
+        assert hits.entries[0].message_ids == ["flight"], query
+        assert hits.entries[0].created_at == last
+    hits = await manager.retrieve_context("s", "what about the tulips in March?")
+    assert hits.entries[0].message_ids == ["tulips"]
+    assert hits.entries[0].created_at == first
+    result = await manager.process_conversation(
+        "s", [Message("user", "how were the tulips last week?", id="ask")]
+    )
+    assert result.retrieval_result is not None
+    assert result.retrieval_result.entries[0].message_ids == ["tulips"]
+
+    # a session whose "now" is 0001-01-01: last week and last March are before the calendar
+    await store(manager, [Message("user", "Tulips again", id="t", created_at=first)], "early")
+    for query in (
+        "what did I say about tulips last week?",
+        "tulips in March?",
+        "tulips 3 days ago?",
+        "tulips 9999999999 days ago?",
+        "tulips in May 0000?",
+        "tulips in 9999?",
+        "tulips on 2024-13-45?",
+        "tulips 99999 weeks ago?",
+        "tulips in May 99999?",
+    ):
+        hits = await manager.retrieve_context("early", query)
+        assert [e.message_ids for e in hits.entries][:1] == [["t"]], query

@@ -19,6 +19,10 @@ Score, the same for every candidate whatever tier found it, so scores compare ac
 tiers is one hit with its lowest tier (1 active, 2 snapshot, 3 history).
 `escalating` mode is the seed's rule instead: tier 2 only if tier 1 found fewer than 5
 relevant entries, tier 3 only if tiers 1 and 2 found fewer than 3; no context, cues or hop.
+
+The text work here runs on the event loop and reads bounded parts of long texts: the query's
+first `text.QUERY_CHARS` characters, a hit's first `NAME_CHARS` for names, its end for "is
+it a question", and a long text's folding for repeats is skipped (see `_collapse`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ HOP_WEIGHT = 0.85
 SAME_SITTING_SECONDS = 1800.0
 HOP_NAMES = 4
 HOP_MAX_LINKS = 5
+# names are looked for in a hit's opening
+NAME_CHARS = 16 * 1024
+# a question mark this near the end (after trailing blanks) makes a message a question
+QUESTION_TAIL_CHARS = 1024
+# texts up to this long fold (case, blanks) before repeats are compared; longer ones must
+# repeat exactly
+FOLD_CHARS = 64 * 1024
 _NOT_NAMES = (
     text.STOP_WORDS
     | set(query_cues.MONTHS)
@@ -121,18 +132,20 @@ class Retriever:
         """The best `limit` hits for `query`; `query_vector`, when given, is the query's
         embedding already at hand (a turn's message was just embedded to be stored)."""
         hybrid = self._config.retrieval_mode != "escalating"
-        cues = query_cues.QueryCues(topic=query)
+        # cues and keywords come from the query's opening; the vector pass embeds its own
+        opening = text.head(query, text.QUERY_CHARS)
+        cues = query_cues.QueryCues(topic=opening)
         if hybrid and self._config.retrieval_query_cues:
             reference = await self._store.latest_time(key)
             if reference is not None:
-                cues = query_cues.analyse(query, reference)
-        terms = text.keywords(cues.topic) or text.keywords(query)
+                cues = query_cues.analyse(opening, reference)
+        terms = text.keywords(cues.topic) or text.keywords(opening)
         nearest: dict[int, list[tuple[int, float]]] = {}
         embedded: list[np.ndarray[Any, Any]] = []
         async with anyio.create_task_group() as tg:
             # the vector pass (a model thread, then the vector connection) runs beside the
             # text reads (the reader connection)
-            if self._embedder is not None and query.strip():
+            if self._embedder is not None and query and not query.isspace():
                 tg.start_soon(
                     self._vector_pass, key, active, query, query_vector, embedded, nearest
                 )
@@ -322,9 +335,9 @@ class Retriever:
 
 def names_in(content: str) -> list[str]:
     """Capitalised words not opening a sentence, lower-cased: likely names of people,
-    places, pets. "I" and stop words are left out."""
+    places, pets. "I" and stop words are left out. Read from the first `NAME_CHARS`."""
     out: dict[str, None] = {}
-    for match in _NAME.finditer(content):
+    for match in _NAME.finditer(text.head(content, NAME_CHARS)):
         word = text.words(match[1])
         if word and word[0] not in _NOT_NAMES and len(word[0]) > 1:
             out.setdefault(word[0], None)
@@ -348,16 +361,19 @@ def _tier_of(rowid: int, active_ids: Collection[int], snapshot_ids: Collection[i
 
 
 def _is_question(row: MessageRow) -> bool:
-    return row.content.rstrip().endswith("?")
+    return row.content[-QUESTION_TAIL_CHARS:].rstrip().endswith("?")
 
 
 def _collapse(ranked: Sequence[Candidate]) -> list[Candidate]:
     """One hit per distinct text: repeats fold into the best-scoring one's `same_text`."""
-    first: dict[str, Candidate] = {}
+    first: dict[tuple[bool, str], Candidate] = {}
     for c in ranked:
         assert c.row is not None
-        folded = " ".join(c.row.content.lower().split())
-        kept = first.setdefault(folded, c)
+        content = c.row.content
+        # folding reads the whole text: a long one is compared as it is
+        folded = len(content) <= FOLD_CHARS
+        key = (folded, " ".join(content.lower().split()) if folded else content)
+        kept = first.setdefault(key, c)
         if kept is not c:
             kept.same_text.append(c.row)
     return list(first.values())

@@ -2,7 +2,8 @@
 
 Content patterns are whole words, case-insensitive, and an entry's class is decided by
 fixed rules, so scores are deterministic (the seed matched substrings case-sensitively and
-classified entries in hash-map order).
+classified entries in hash-map order). A long entry is read at its opening and its end
+(`SCAN_HEAD_CHARS`, `SCAN_TAIL_CHARS`), so scoring a 10 MB paste costs what 17 KB cost.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import math
 import re
 from collections.abc import Sequence
 
+from . import text
 from .cache import CacheEntry
 from .config import ScoringWeights
+
+SCAN_HEAD_CHARS = 16 * 1024
+SCAN_TAIL_CHARS = 1024
 
 _PATTERNS: tuple[tuple[re.Pattern[str], float], ...] = (
     (
         re.compile(
             r"\b(important|importantly|remember|critical|crucial|key|must|never|always|"
-            r"deadline|urgent|essential|don'?t forget|note that|password|allerg\w*)\b",
+            r"deadline|urgent|essential|don'?t forget|note that|password|allerg\w*+)\b",
             re.IGNORECASE,
         ),
         0.9,
@@ -26,13 +31,13 @@ _PATTERNS: tuple[tuple[re.Pattern[str], float], ...] = (
     (
         re.compile(
             r"\b(my name|i am|i'm|i live|i work|i prefer|i like|i love|i hate|i need|"
-            r"i want|my \w+ (is|are)|we decided|decided|agreed|plan is)\b",
+            r"i want|my \w++ (is|are)|we decided|decided|agreed|plan is)\b",
             re.IGNORECASE,
         ),
         0.7,
     ),
     (re.compile(r"\b\d[\d,.:/-]*\b"), 0.5),
-    (re.compile(r"\?\s*$|^\s*(who|what|when|where|why|how|which)\b", re.IGNORECASE), 0.4),
+    (re.compile(r"\?\s*+$|^\s*+(who|what|when|where|why|how|which)\b", re.IGNORECASE), 0.4),
 )
 
 
@@ -41,7 +46,8 @@ def content_score(entry_type: str, content: str) -> float:
     for each further pattern."""
     if entry_type == "system_prompt":
         return 1.0
-    scores = [weight for pattern, weight in _PATTERNS if pattern.search(content)]
+    read = text.sample(content, SCAN_HEAD_CHARS, SCAN_TAIL_CHARS)
+    scores = [weight for pattern, weight in _PATTERNS if pattern.search(read)]
     if entry_type == "code":
         scores.append(0.9)
     if not scores:

@@ -2,6 +2,10 @@
 
 Everything here is word-aware and deterministic: "key" does not match "keyboard", and the
 same text always gives the same keywords in the same order.
+
+It runs on the event loop, once or more per message, so every function is linear in what it
+reads (no pattern backtracks more than once over a stretch of text) and what needs only part
+of a text reads a bounded part: a 10 MB paste costs about what its first 64 KB cost.
 """
 
 from __future__ import annotations
@@ -12,6 +16,14 @@ from collections import Counter
 from collections.abc import Iterable
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
+
+# how much of a text each kind of look reads (characters)
+HEAD_CHARS = 64 * 1024  # its words: keywords and matched keywords
+QUERY_CHARS = 4096  # a query's cues and keywords
+CODE_HEAD_CHARS = 16 * 1024  # code detection: the opening...
+CODE_TAIL_CHARS = 4096  # ...and the end, where a pasted snippet often sits
+# a cut inside a word moves back to the word's start, unless the word is longer than this
+_WORD_CUT_CHARS = 64
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are aren't as at be because been
@@ -30,11 +42,48 @@ STOP_WORDS = frozenset(
     mean get got like""".split()  # noqa: SIM905
 )
 
-_CODE = re.compile(
-    r"```|^\s*(def|class|import|from|function|const|let|var|public|private|fn|func|#include)\b"
-    r"|[;{}]\s*$|=>|\w+\([^()]*\)\s*[{:]",
-    re.MULTILINE,
-)
+
+def _code_pattern(line_end: str, word_end: str) -> re.Pattern[str]:
+    # Possessive quantifiers and the word start before a call keep every branch linear: a
+    # run of word characters is tried as a function name once, from its start, not from
+    # each of its characters (80 000 hex digits took a minute); blank runs are read once.
+    return re.compile(
+        r"```"
+        r"|^[^\S\n]*+(?:def|class|import|from|function|const|let|var|public|private|fn|func"
+        rf"|#include){word_end}"
+        rf"|[;{{}}][^\S\n]*+{line_end}"
+        r"|=>"
+        r"|\b\w++\([^()]*+\)\s*+[{:]",
+        re.MULTILINE,
+    )
+
+
+_CODE = _code_pattern(line_end="$", word_end=r"\b")
+# for an opening searched up to a cut (`endpos`), where "$" and "\b" would take the cut for
+# the text's end: only a real line break or non-word character counts
+_CODE_OPENING = _code_pattern(line_end=r"(?=\n)", word_end=r"(?=\W)")
+
+
+def head(text: str, limit: int) -> str:
+    """The first `limit` characters of `text`, without a word cut in two at the end (a
+    half word would read as a word of its own)."""
+    if len(text) <= limit:
+        return text
+    start = limit
+    while start > 0 and limit - start < _WORD_CUT_CHARS and text[start - 1].isalnum():
+        start -= 1
+    cut_in_word = text[limit].isalnum() and start < limit
+    if cut_in_word and start > 0 and not text[start - 1].isalnum():
+        return text[:start]
+    return text[:limit]
+
+
+def sample(text: str, head_chars: int, tail_chars: int) -> str:
+    """`text` itself, or when longer its opening and its end joined by a line break: what
+    a look for patterns anywhere (a number, "important") reads of a long text."""
+    if len(text) <= head_chars + tail_chars:
+        return text
+    return text[:head_chars] + "\n" + text[len(text) - tail_chars :]
 
 
 def words(text: str) -> list[str]:
@@ -43,12 +92,16 @@ def words(text: str) -> list[str]:
 
 
 def keywords(text: str, limit: int = 16) -> list[str]:
-    """The content words of `text`, in order of first appearance, without stop words."""
+    """The content words of `text`, in order of first appearance, without stop words; read
+    from its first `HEAD_CHARS` characters, and only as far as the `limit`-th."""
     seen: dict[str, None] = {}
-    for word in words(text):
+    for match in _WORD.finditer(head(text, HEAD_CHARS).lower()):
+        word = match[0].replace("’", "'")
         if word not in STOP_WORDS and (len(word) > 1 or word.isdigit()):
             seen.setdefault(word, None)
-    return list(seen)[:limit]
+            if len(seen) >= limit:
+                break
+    return list(seen)
 
 
 def top_keywords(texts: Iterable[str], limit: int = 10) -> list[str]:
@@ -67,8 +120,9 @@ def fts_query(terms: Iterable[str]) -> str:
 
 
 def matched_keywords(text: str, terms: Iterable[str]) -> list[str]:
-    """Which `terms` occur in `text` as words (or as a word's start, for plurals and tenses)."""
-    present = set(words(text))
+    """Which `terms` occur in `text` as words (or as a word's start, for plurals and tenses),
+    among its first `HEAD_CHARS` characters."""
+    present = set(words(head(text, HEAD_CHARS)))
     # "garden" matches "gardens" and "gardening": a term of 4+ letters may be the start of a
     # word when at most 3 letters follow it
     starts = {w[:n] for w in present for n in range(max(4, len(w) - 3), len(w))}
@@ -76,7 +130,16 @@ def matched_keywords(text: str, terms: Iterable[str]) -> list[str]:
 
 
 def looks_like_code(text: str) -> bool:
-    return bool(_CODE.search(text))
+    """Does `text` hold code (a fence, a definition, a statement end, a call with a body)?
+    A long text is read at its opening and its end only."""
+    if len(text) <= CODE_HEAD_CHARS + CODE_TAIL_CHARS:
+        return _CODE.search(text) is not None
+    # the end is searched in place (from a position, not a slice), so that "^" and "\b"
+    # there see the text before it
+    return (
+        _CODE_OPENING.search(text, 0, CODE_HEAD_CHARS) is not None
+        or _CODE.search(text, len(text) - CODE_TAIL_CHARS) is not None
+    )
 
 
 def content_hash(role: str, content: str) -> str:
