@@ -107,6 +107,9 @@ def load_llama(path: Path, **kwargs: Any) -> Any:
                 setattr(module, _REDIRECTOR, redirect)
 
 
+# long texts are counted in pieces of this many bytes (see LlamaTokenizer._count)
+COUNT_PIECE_BYTES = 64 * 1024
+
 class LlamaTokenizer:
     """Token counts with the GGUF's own vocabulary, plus the model's KV shape."""
 
@@ -118,11 +121,25 @@ class LlamaTokenizer:
 
     def count(self, texts: list[str]) -> list[int]:
         """Blocking: token counts of `texts` (call from a worker thread)."""
-        with self._lock:
-            return [
-                len(self._vocab.tokenize(t.encode("utf-8", "surrogatepass"), add_bos=False))
-                for t in texts
-            ]
+        return [self._count(t) for t in texts]
+
+    def _count(self, text: str) -> int:
+        """Tokens of one text. A long one is counted a piece at a time, cut at whitespace
+        (where a token rarely spans): a 10 MB text makes a list of millions of tokens, and
+        building it in one call holds the GIL long enough to stall the event loop."""
+        data = text.encode("utf-8", "surrogatepass")
+        total, start = 0, 0
+        while start < len(data):
+            end = min(len(data), start + COUNT_PIECE_BYTES)
+            if end < len(data):
+                space = data.rfind(b" ", start + COUNT_PIECE_BYTES // 2, end)
+                end = space if space > start else end
+                while end < len(data) and (data[end] & 0xC0) == 0x80:
+                    end += 1  # never inside a character
+            with self._lock:
+                total += len(self._vocab.tokenize(data[start:end], add_bos=False))
+            start = end
+        return total
 
     def truncate(self, text: str, max_tokens: int) -> str:
         """Blocking: `text` cut to at most `max_tokens` tokens."""
