@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -15,7 +16,7 @@ from .cache import CacheEntry, entry_type
 from .embedder import Embedder
 from .errors import InvalidInputError, ModelError
 from .retrieval import EMBED_MAX_CHARS
-from .store import MessageRow, NewMessage, SQLiteStore, StateRow
+from .store import MessageKey, MessageRow, NewMessage, SQLiteStore, StateRow
 from .summarizer import TokenCounter
 from .types import Message
 
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
     from .sessions import Session
 
 
-def derived_id(session_id: str, position: int) -> str:
-    """The id of a message given without one: stable for its session and position."""
-    return f"{session_id}#{position}"
+def derived_id(session_id: str, position: int, suffix: int = 0) -> str:
+    """The id of a message given without one: stable for its session and position.
+    `suffix` (the first free, see `Intake.new_messages`) keeps it off a caller's own id
+    that happens to look like one."""
+    return f"{session_id}#{position}" + (f".{suffix}" if suffix else "")
 
 
 def check_name(what: str, value: str) -> None:
@@ -82,37 +85,103 @@ class Intake:
     async def new_messages(
         self, session: Session, messages: Sequence[Message]
     ) -> list[tuple[Message, str]]:
-        """The messages not stored yet, with their content hashes.
+        """The messages not stored yet, with their content hashes, each with the id it will
+        be stored under (a derived one for a message sent without).
 
-        A list that starts with the stored conversation is the whole conversation (only its
-        tail is new); otherwise every message is new unless its id is already stored.
+        Messages with an id match by id. The others match by content and order: `messages`
+        may be the whole conversation so far, only the new messages, the client's last few
+        followed by new ones, or a conversation that left the stored one (a regenerated
+        reply); see `_split`. Raises `InvalidInputError` where that match is ambiguous.
         """
         hashes = [text.content_hash(m.role, m.content) for m in messages]
-        n = session.state.message_count
-        if n and len(messages) >= n:
-            digest = ""
-            for i in range(n):
-                own_id = messages[i].id or derived_id(session.session_id, i)
-                digest = text.chain_digest(digest, own_id, hashes[i])
-            if digest == session.state.prefix_digest:
-                return list(zip(messages[n:], hashes[n:], strict=True))
-        seen: set[str] = set()
+        keys: list[SentKey] = [(m.id, h) for m, h in zip(messages, hashes, strict=True)]
+        call_ids: set[str] = set()
         for m in messages:
             if m.id is not None:
-                if m.id in seen:
+                if m.id in call_ids:
                     raise InvalidInputError(f"message id {m.id!r} appears twice in one call")
-                seen.add(m.id)
-        existing = await self._store.existing_ids(session.key, sorted(seen))
-        out = []
-        for m, h in zip(messages, hashes, strict=True):
-            if m.id is not None and m.id in existing:
-                if existing[m.id] != h:
+                call_ids.add(m.id)
+        n = session.state.message_count
+        prefix = self._stored_prefix(session, keys)
+        stored: set[str] | None = None
+        if prefix is not None and not call_ids.intersection(i for i, _ in keys[n:] if i):
+            stored, fresh = set(prefix), list(range(n, len(keys)))
+        else:
+            existing = await self._store.existing_ids(session.key, sorted(call_ids))
+            for i, h in keys:
+                if i is not None and i in existing and existing[i] != h:
                     raise InvalidInputError(
-                        f"message id {m.id!r} is already stored with other content"
+                        f"message id {i!r} is already stored with other content"
                     )
-                continue
-            out.append((m, h))
-        return out
+            # where every message has an id, the ids alone say what is new
+            every_id = call_ids.issuperset(i for i, _ in keys)
+            start = 0 if every_id or n == 0 else await self._overlap(session, keys)
+            fresh = [j for j in range(start, len(keys)) if keys[j][0] not in existing]
+        unnamed = [n + k for k, j in enumerate(fresh) if keys[j][0] is None]
+        names = await self._derived_ids(session, unnamed, call_ids, stored)
+        return [
+            (messages[j] if keys[j][0] else replace(messages[j], id=names[n + k]), hashes[j])
+            for k, j in enumerate(fresh)
+        ]
+
+    def _stored_prefix(self, session: Session, keys: Sequence[SentKey]) -> list[str] | None:
+        """The stored messages' ids if `keys` starts with the stored conversation (checked
+        against its running digest, no read), else None."""
+        n = session.state.message_count
+        if len(keys) < n:
+            return None
+        ids = [i or derived_id(session.session_id, p) for p, (i, _) in enumerate(keys[:n])]
+        digest = ""
+        for i, (_, h) in zip(ids, keys, strict=False):
+            digest = text.chain_digest(digest, i, h)
+        return ids if digest == session.state.prefix_digest else None
+
+    async def _overlap(self, session: Session, sent: Sequence[SentKey]) -> int:
+        """Where the new messages start in `sent`, reading the stored keys from the ends
+        (the last two, the first) and the whole list only where those cannot tell."""
+        n, key = session.state.message_count, session.key
+        ends = await self._store.message_keys(key, limit=2, newest_first=True)
+        first = ends[0] if n <= 2 else (await self._store.message_keys(key, limit=1))[0]
+        anchors = [k for k in range(len(sent), 0, -1) if _same(sent[k - 1], ends[-1])]
+        if not anchors and not _same(sent[0], first):
+            return 0  # nothing lines up with either end: all new
+        if anchors and anchors[0] <= n:
+            k = anchors[0]
+            tail = ends[-k:] if k <= 2 else await self._store.message_keys(key, k, True)
+            if all(_same(s, t) for s, t in zip(sent[:k], tail, strict=True)):
+                return k  # the client's last messages, then new ones
+        split = _split(sent, await self._store.message_keys(key))
+        if split is None:
+            raise InvalidInputError(
+                f"cannot tell which of the messages sent for session {session.session_id!r} "
+                "are already stored: they do not line up with the stored conversation (a "
+                "message inserted or changed before stored ones?); send message ids "
+                "(Message.id) so each message can be matched"
+            )
+        return split
+
+    async def _derived_ids(
+        self,
+        session: Session,
+        positions: Sequence[int],
+        call_ids: set[str],
+        stored: set[str] | None,
+    ) -> dict[int, str]:
+        """`derived_id` for each position, with the first suffix that neither a stored
+        message nor this call holds. `stored` is every stored id where known; otherwise
+        the candidates are looked up."""
+        names: dict[int, str] = {}
+        pending, suffix = list(positions), 0
+        while pending:
+            wanted = {p: derived_id(session.session_id, p, suffix) for p in pending}
+            if stored is None:
+                held = await self._store.existing_ids(session.key, sorted(wanted.values()))
+                taken = call_ids | held.keys()
+            else:
+                taken = call_ids | stored
+            names.update((p, name) for p, name in wanted.items() if name not in taken)
+            pending, suffix = [p for p in pending if p not in names], suffix + 1
+        return names
 
     async def store(
         self,
@@ -198,3 +267,69 @@ class Intake:
             )
             for r in rows
         ]
+
+
+# -- matching what a client sends against the stored conversation ----------------------------
+
+SentKey = tuple[str | None, str]  # a sent message's own id (or None) and content hash
+
+
+def _same(sent: SentKey, stored: MessageKey) -> bool:
+    """A sent message with an id is the stored one with that id; without, one with its content."""
+    own_id, content_hash = sent
+    if own_id is not None:
+        return own_id == stored.message_id
+    return content_hash == stored.content_hash
+
+
+def _embed(sent: Sequence[SentKey], stored: Sequence[MessageKey]) -> list[int]:
+    """The earliest in-order matches in `stored` of the longest prefix of `sent` that has them."""
+    out: list[int] = []
+    j = 0
+    for s in sent:
+        while j < len(stored) and not _same(s, stored[j]):
+            j += 1
+        if j == len(stored):
+            break
+        out.append(j)
+        j += 1
+    return out
+
+
+def _split(sent: Sequence[SentKey], stored: Sequence[MessageKey]) -> int | None:
+    """Where the new messages start in `sent`, given the stored conversation (not empty);
+    None where that is ambiguous. A client's conversation is the stored one less the
+    replies it abandoned, so what it sends, up to the new messages, is an in-order
+    subsequence of the stored conversation. In order of preference:
+
+    1. The longest prefix of `sent` that is such a subsequence ending at the last stored
+       message: the whole conversation after a regenerated reply, or the client's last few
+       messages. Unless it is contiguous or starts at the first stored message, it must
+       hold 3 messages or more: fewer are as likely an only-new call repeating short texts.
+    2. A prefix of 2 or more that starts at the first stored message and stops before the
+       end: the client regenerated a reply (or edited a message) at that point, and what
+       follows is new. Ambiguous if what follows holds a stored message after that point
+       (an unknown message inserted, or history rewritten): storing it would duplicate.
+    3. Otherwise all new: only the new messages were sent. Ambiguous if the last two stored
+       messages appear, in order, after unknown ones.
+    """
+    n, m = len(stored), len(sent)
+    early = _embed(sent, stored[:-1])
+    for k in range(m, 0, -1):
+        if k - 1 > len(early) or not _same(sent[k - 1], stored[-1]):
+            continue
+        contiguous = k <= n and all(_same(sent[i], stored[n - k + i]) for i in range(k))
+        if contiguous or early[0] == 0 or k >= 3:
+            return k
+    if _same(sent[0], stored[0]):
+        matched = _embed(sent, stored)
+        if len(matched) >= 2:
+            later = {s.content_hash for s in stored[matched[-1] + 1 :]}
+            if any(i is None and h in later for i, h in sent[len(matched) :]):
+                return None
+            return len(matched)
+    if n >= 2:
+        for j in range(1, m):
+            if _same(sent[j], stored[-1]) and _same(sent[j - 1], stored[-2]):
+                return None
+    return 0

@@ -62,6 +62,15 @@ class MessageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageKey:
+    """What identifies a stored message when matching what a client sends against it."""
+
+    position: int
+    message_id: str
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     position: int
     message_id: str
@@ -475,6 +484,20 @@ class SQLiteStore:
             (key, json.dumps(list(message_ids))),
         )
         return {r[0]: r[1] for r in rows}
+
+    async def message_keys(
+        self, key: int, limit: int | None = None, newest_first: bool = False
+    ) -> list[MessageKey]:
+        """The session's message keys in position order: all, or the first (the last, if
+        `newest_first`) `limit` of them, so a caller can look at the ends before the whole."""
+        order = "DESC" if newest_first else "ASC"
+        rows = await self._read_all(
+            "SELECT position, message_id, content_hash FROM messages WHERE session_key = ?"
+            f" ORDER BY position {order} LIMIT ?",
+            (key, -1 if limit is None else limit),
+        )
+        keys = [MessageKey(int(r[0]), r[1], r[2]) for r in rows]
+        return keys[::-1] if newest_first else keys
 
     async def append_messages(
         self,
