@@ -137,26 +137,27 @@ class Intake:
         return ids if digest == session.state.prefix_digest else None
 
     async def _overlap(self, session: Session, sent: Sequence[SentKey]) -> int:
-        """Where the new messages start in `sent`, reading the stored keys from the ends
-        (the last two, the first) and the whole list only where those cannot tell."""
+        """Where the new messages start in `sent` (see `_split`). Reads the stored keys at
+        the end, then, only where those cannot tell, the stored messages like a sent one."""
         n, key = session.state.message_count, session.key
-        ends = await self._store.message_keys(key, limit=2, newest_first=True)
-        first = ends[0] if n <= 2 else (await self._store.message_keys(key, limit=1))[0]
-        anchors = [k for k in range(len(sent), 0, -1) if _same(sent[k - 1], ends[-1])]
-        if not anchors and not _same(sent[0], first):
-            return 0  # nothing lines up with either end: all new
-        if anchors and anchors[0] <= n:
+        stored = await self._store.message_keys(key, 2, newest_first=True)
+        anchors = [k for k in range(len(sent), 0, -1) if _same(sent[k - 1], stored[-1])]
+        if anchors:
             k = anchors[0]
-            tail = ends[-k:] if k <= 2 else await self._store.message_keys(key, k, True)
-            if all(_same(s, t) for s, t in zip(sent[:k], tail, strict=True)):
+            tail = stored if k <= 2 else await self._store.message_keys(key, k, newest_first=True)
+            if _ends_with({t.position: t for t in tail}, sent[:k], n):
                 return k  # the client's last messages, then new ones
-        split = _split(sent, await self._store.message_keys(key))
+        if len(sent) > 2:  # two or fewer: the last two stored messages tell (see _split)
+            like = ({h for _, h in sent}, {i for i, _ in sent if i is not None})
+            matches = await self._store.message_keys(key, like=(sorted(like[0]), sorted(like[1])))
+            stored = sorted({k.position: k for k in [*matches, *stored]}.values(), key=_at)
+        split = _split(sent, stored, n)
         if split is None:
             raise InvalidInputError(
                 f"cannot tell which of the messages sent for session {session.session_id!r} "
                 "are already stored: they do not line up with the stored conversation (a "
                 "message inserted or changed before stored ones?); send message ids "
-                "(Message.id) so each message can be matched"
+                "(Message.id) so that each message can be matched"
             )
         return split
 
@@ -274,6 +275,10 @@ class Intake:
 SentKey = tuple[str | None, str]  # a sent message's own id (or None) and content hash
 
 
+def _at(key: MessageKey) -> int:
+    return key.position
+
+
 def _same(sent: SentKey, stored: MessageKey) -> bool:
     """A sent message with an id is the stored one with that id; without, one with its content."""
     own_id, content_hash = sent
@@ -282,8 +287,17 @@ def _same(sent: SentKey, stored: MessageKey) -> bool:
     return content_hash == stored.content_hash
 
 
+def _ends_with(stored: Mapping[int, MessageKey], sent: Sequence[SentKey], n: int) -> bool:
+    """Whether the stored conversation (`n` messages, of which `stored` maps some by
+    position) ends with `sent`."""
+    return len(sent) <= n and all(
+        (k := stored.get(n - len(sent) + i)) is not None and _same(s, k) for i, s in enumerate(sent)
+    )
+
+
 def _embed(sent: Sequence[SentKey], stored: Sequence[MessageKey]) -> list[int]:
-    """The earliest in-order matches in `stored` of the longest prefix of `sent` that has them."""
+    """The positions of the earliest in-order matches in `stored` of the longest prefix of
+    `sent` that has them."""
     out: list[int] = []
     j = 0
     for s in sent:
@@ -291,45 +305,44 @@ def _embed(sent: Sequence[SentKey], stored: Sequence[MessageKey]) -> list[int]:
             j += 1
         if j == len(stored):
             break
-        out.append(j)
+        out.append(stored[j].position)
         j += 1
     return out
 
 
-def _split(sent: Sequence[SentKey], stored: Sequence[MessageKey]) -> int | None:
-    """Where the new messages start in `sent`, given the stored conversation (not empty);
-    None where that is ambiguous. A client's conversation is the stored one less the
-    replies it abandoned, so what it sends, up to the new messages, is an in-order
-    subsequence of the stored conversation. In order of preference:
+def _split(sent: Sequence[SentKey], stored: Sequence[MessageKey], n: int) -> int | None:
+    """Where the new messages start in `sent`; None where that is ambiguous.
+
+    `stored` holds, in order, the last two of the `n` stored messages and every one like a
+    sent message (same content, or same id) - or only the last two where `sent` holds two
+    messages or fewer. A client's conversation is the stored one less the replies it
+    abandoned, so what it sends, up to its new messages, is an in-order subsequence of the
+    stored conversation. An only-new call may repeat short texts by chance, so a match
+    counts where it is a contiguous run ending at the stored end (a retry, a sliding
+    window), or holds 2 messages followed by new ones, or 3 messages. In order of preference:
 
     1. The longest prefix of `sent` that is such a subsequence ending at the last stored
-       message: the whole conversation after a regenerated reply, or the client's last few
-       messages. Unless it is contiguous or starts at the first stored message, it must
-       hold 3 messages or more: fewer are as likely an only-new call repeating short texts.
-    2. A prefix of 2 or more that starts at the first stored message and stops before the
-       end: the client regenerated a reply (or edited a message) at that point, and what
-       follows is new. Ambiguous if what follows holds a stored message after that point
-       (an unknown message inserted, or history rewritten): storing it would duplicate.
-    3. Otherwise all new: only the new messages were sent. Ambiguous if the last two stored
-       messages appear, in order, after unknown ones.
+       message: the whole conversation (after regenerated replies), or its last few.
+    2. The longest prefix that is such a subsequence ending before the last stored
+       message: the client regenerated a reply (or edited a message) there, and what
+       follows is new. Ambiguous where a new message is also stored after that point (an
+       unknown message inserted before stored ones, or history rewritten): storing it
+       would duplicate.
+    3. None: all new (only the new messages were sent). Ambiguous where the last two
+       stored messages appear, in order, after unknown ones.
     """
-    n, m = len(stored), len(sent)
+    m = len(sent)
+    by_position = {k.position: k for k in stored}
     early = _embed(sent, stored[:-1])
     for k in range(m, 0, -1):
-        if k - 1 > len(early) or not _same(sent[k - 1], stored[-1]):
-            continue
-        contiguous = k <= n and all(_same(sent[i], stored[n - k + i]) for i in range(k))
-        if contiguous or early[0] == 0 or k >= 3:
+        anchored = k - 1 <= len(early) and _same(sent[k - 1], stored[-1])
+        if anchored and (2 <= k < m or k >= 3 or _ends_with(by_position, sent[:k], n)):
             return k
-    if _same(sent[0], stored[0]):
-        matched = _embed(sent, stored)
-        if len(matched) >= 2:
-            later = {s.content_hash for s in stored[matched[-1] + 1 :]}
-            if any(i is None and h in later for i, h in sent[len(matched) :]):
-                return None
-            return len(matched)
-    if n >= 2:
-        for j in range(1, m):
-            if _same(sent[j], stored[-1]) and _same(sent[j - 1], stored[-2]):
-                return None
+    if 2 <= len(early) < m or len(early) >= 3:
+        later = {k.content_hash for k in stored if k.position > early[-1]}
+        if any(i is None and h in later for i, h in sent[len(early) :]):
+            return None
+        return len(early)
+    if any(_ends_with(by_position, sent[j - 1 : j + 1], n) for j in range(1, m)):
+        return None
     return 0

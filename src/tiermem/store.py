@@ -486,15 +486,27 @@ class SQLiteStore:
         return {r[0]: r[1] for r in rows}
 
     async def message_keys(
-        self, key: int, limit: int | None = None, newest_first: bool = False
+        self,
+        key: int,
+        limit: int | None = None,
+        newest_first: bool = False,
+        like: tuple[Sequence[str], Sequence[str]] | None = None,
     ) -> list[MessageKey]:
-        """The session's message keys in position order: all, or the first (the last, if
-        `newest_first`) `limit` of them, so a caller can look at the ends before the whole."""
-        order = "DESC" if newest_first else "ASC"
+        """The session's message keys in position order: the first `limit` (the last, if
+        `newest_first`), or all; only those with one of the content hashes or ids in `like`
+        (hashes, ids) where given. Lets a caller read the ends, or the matches, not all."""
+        where = "session_key = ?"
+        params: list[Any] = [key]
+        if like is not None:
+            where += (
+                " AND (content_hash IN (SELECT value FROM json_each(?))"
+                " OR message_id IN (SELECT value FROM json_each(?)))"
+            )
+            params += [json.dumps(list(like[0])), json.dumps(list(like[1]))]
         rows = await self._read_all(
-            "SELECT position, message_id, content_hash FROM messages WHERE session_key = ?"
-            f" ORDER BY position {order} LIMIT ?",
-            (key, -1 if limit is None else limit),
+            f"SELECT position, message_id, content_hash FROM messages WHERE {where}"
+            f" ORDER BY position {'DESC' if newest_first else 'ASC'} LIMIT ?",
+            (*params, -1 if limit is None else limit),
         )
         keys = [MessageKey(int(r[0]), r[1], r[2]) for r in rows]
         return keys[::-1] if newest_first else keys
