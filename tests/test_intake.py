@@ -135,10 +135,12 @@ async def test_sliding_window_stores_the_tail_after_the_overlap(
 async def test_regenerated_replies_do_not_make_later_turns_store_it_all_again(
     mgr: tiermem.KVCacheManager, ids: str
 ) -> None:
-    """Before: 8 turns, one reply regenerated in each, the client holding 17 messages,
-    and every turn after the first regeneration storing the whole conversation again."""
+    """Before: 8 turns, the reply regenerated in each from the second on, and every turn
+    after the first regeneration storing the whole conversation again."""
     client = Client(ids)
-    for _ in range(8):
+    client.turn()
+    await mgr.process_conversation("s", client.held)
+    for _ in range(7):
         client.turn()
         await mgr.process_conversation("s", client.held)
         client.regenerate()
@@ -146,7 +148,31 @@ async def test_regenerated_replies_do_not_make_later_turns_store_it_all_again(
         assert len(result.stored_message_ids) == 1
     assert len(client.held) == 17
     await assert_stored(mgr, "s", client)
-    assert len(await mgr.get_conversation_history("s")) == 25
+    assert len(await mgr.get_conversation_history("s")) == 24
+
+
+async def test_regenerating_the_first_reply_stores_its_question_again(
+    mgr: tiermem.KVCacheManager,
+) -> None:
+    """[question, new reply] after [question, reply] is also an only-new turn repeating
+    the question ("ok", "continue"): one message in common is no evidence, so both are
+    stored. Later turns line up again; with ids, nothing is stored twice."""
+    for ids, sid in (("none", "s"), ("all", "t")):
+        client = Client(ids)
+        client.turn()
+        await mgr.process_conversation(sid, client.held)
+        client.regenerate()
+        result = await mgr.process_conversation(sid, client.held)
+        assert len(result.stored_message_ids) == (2 if ids == "none" else 1)
+        for _ in range(3):
+            new = client.turn()
+            result = await mgr.process_conversation(sid, client.held)
+            assert len(result.stored_message_ids) == len(new)
+        history = [m.content for m in await mgr.get_conversation_history(sid)]
+        expected = [m.content for m in client.log]
+        if ids == "none":
+            expected.insert(3, expected[1])
+        assert history == expected
 
 
 @pytest.mark.parametrize("ids", IDS)
@@ -199,6 +225,37 @@ async def test_a_window_client_regenerates_and_goes_on(
         if i % 3 == 1:
             client.regenerate()
             await mgr.process_conversation("s", client.window(size, 1))
+    await assert_stored(mgr, "s", client)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4])
+async def test_the_system_prompt_with_every_call_is_stored_once(
+    mgr: tiermem.KVCacheManager, size: int
+) -> None:
+    client = Client()
+    client.turn()
+    await mgr.process_conversation("s", client.held)
+    for _ in range(6):
+        new = client.turn()
+        window = client.window(size, len(new))
+        sent = [client.held[0], *[m for m in window if m is not client.held[0]]]
+        result = await mgr.process_conversation("s", sent)
+        assert len(result.stored_message_ids) == len(new)
+    await assert_stored(mgr, "s", client)
+
+
+async def test_a_changed_system_prompt_is_new_and_the_rest_lines_up(
+    mgr: tiermem.KVCacheManager,
+) -> None:
+    client = Client()
+    client.turn()
+    await mgr.process_conversation("s", client.held)
+    for day in range(3):
+        new = client.turn()
+        prompt = client.make("system", f"You are a helpful travel assistant. Day {day}.")
+        client.log.insert(len(client.log) - len(new), prompt)
+        result = await mgr.process_conversation("s", [prompt, *client.held[1:]])
+        assert len(result.stored_message_ids) == len(new) + 1
     await assert_stored(mgr, "s", client)
 
 
@@ -359,7 +416,9 @@ async def test_ingest_skips_what_is_stored_the_same_way(mgr: tiermem.KVCacheMana
 
 ACTIONS = st.lists(
     st.tuples(
-        st.sampled_from(["whole", "window", "new", "regenerate", "regenerate-middle"]),
+        st.sampled_from(
+            ["whole", "window", "new", "system+new", "regenerate", "regenerate-middle"]
+        ),
         st.integers(1, 6),  # window size
         st.sampled_from([None, "ok", "yes"]),  # the user's text (None: a new one)
     ),
@@ -380,8 +439,9 @@ async def play(actions: list[tuple[str, int, str | None]], ids: str) -> None:
         )
         try:
             client = Client(ids)
-            client.turn()
-            await mgr.process_conversation("s", client.held)
+            for _ in range(2):  # the first reply is not regenerated (see the test above)
+                client.turn()
+                await mgr.process_conversation("s", client.held)
             for action, size, user in actions:
                 if action.startswith("regenerate"):
                     replies = [i for i, m in enumerate(client.held) if m.role == "assistant"]
@@ -400,6 +460,7 @@ async def play(actions: list[tuple[str, int, str | None]], ids: str) -> None:
                     "whole": client.held,
                     "window": client.window(size, len(new)),
                     "new": new,
+                    "system+new": [client.held[0], *new],
                 }[action]
                 result = await mgr.process_conversation("s", sent)
                 assert len(result.stored_message_ids) == len(new)

@@ -103,9 +103,9 @@ class Intake:
                 call_ids.add(m.id)
         n = session.state.message_count
         prefix = self._stored_prefix(session, keys)
-        stored: set[str] | None = None
+        stored_ids: set[str] | None = None  # every stored id, where known without a read
         if prefix is not None and not call_ids.intersection(i for i, _ in keys[n:] if i):
-            stored, fresh = set(prefix), list(range(n, len(keys)))
+            stored_ids, fresh = set(prefix), list(range(n, len(keys)))
         else:
             existing = await self._store.existing_ids(session.key, sorted(call_ids))
             for i, h in keys:
@@ -113,12 +113,14 @@ class Intake:
                     raise InvalidInputError(
                         f"message id {i!r} is already stored with other content"
                     )
-            # where every message has an id, the ids alone say what is new
-            every_id = call_ids.issuperset(i for i, _ in keys)
-            start = 0 if every_id or n == 0 else await self._overlap(session, keys)
-            fresh = [j for j in range(start, len(keys)) if keys[j][0] not in existing]
+            fresh = list(range(len(keys)))
+            if n and not call_ids.issuperset(i for i, _ in keys):  # else ids alone tell
+                roles = [m.role for m in messages]
+                opening = next((j for j, r in enumerate(roles) if r != "system"), len(roles))
+                fresh = await self._unstored(session, keys, opening)
+            fresh = [j for j in fresh if keys[j][0] not in existing]
         unnamed = [n + k for k, j in enumerate(fresh) if keys[j][0] is None]
-        names = await self._derived_ids(session, unnamed, call_ids, stored)
+        names = await self._derived_ids(session, unnamed, call_ids, stored_ids)
         return [
             (messages[j] if keys[j][0] else replace(messages[j], id=names[n + k]), hashes[j])
             for k, j in enumerate(fresh)
@@ -136,21 +138,39 @@ class Intake:
             digest = text.chain_digest(digest, i, h)
         return ids if digest == session.state.prefix_digest else None
 
+    async def _unstored(self, session: Session, sent: Sequence[SentKey], opening: int) -> list[int]:
+        """The indices of the messages in `sent` not stored yet. The `opening` system
+        messages are matched on their own against those that open the stored conversation
+        (a client may send its system prompt with every call, or change it); the others
+        by `_overlap`."""
+        same = 0
+        if opening:
+            first = await self._store.message_keys(session.key, opening)
+            while same < len(first) and _same(sent[same], first[same]):
+                same += 1
+        start = opening
+        if opening < len(sent):
+            start += await self._overlap(session, sent[opening:])
+        return [*range(same, opening), *range(start, len(sent))]
+
     async def _overlap(self, session: Session, sent: Sequence[SentKey]) -> int:
         """Where the new messages start in `sent` (see `_split`). Reads the stored keys at
         the end, then, only where those cannot tell, the stored messages like a sent one."""
         n, key = session.state.message_count, session.key
         stored = await self._store.message_keys(key, 2, newest_first=True)
         anchors = [k for k in range(len(sent), 0, -1) if _same(sent[k - 1], stored[-1])]
-        if anchors:
-            k = anchors[0]
+        k = anchors[0] if anchors else 0
+        # (a tail over half the conversation costs what reading the like ones below does)
+        if k > 0 and (k <= 2 or 2 * k <= n):
             tail = stored if k <= 2 else await self._store.message_keys(key, k, newest_first=True)
             if _ends_with({t.position: t for t in tail}, sent[:k], n):
                 return k  # the client's last messages, then new ones
         if len(sent) > 2:  # two or fewer: the last two stored messages tell (see _split)
-            like = ({h for _, h in sent}, {i for i, _ in sent if i is not None})
-            matches = await self._store.message_keys(key, like=(sorted(like[0]), sorted(like[1])))
-            stored = sorted({k.position: k for k in [*matches, *stored]}.values(), key=_at)
+            hashes = sorted({h for i, h in sent if i is None})
+            ids = sorted({i for i, _ in sent if i is not None})
+            matches = await self._store.message_keys(key, like=(hashes, ids))
+            merged = {k.position: k for k in [*matches, *stored]}
+            stored = [merged[p] for p in sorted(merged)]
         split = _split(sent, stored, n)
         if split is None:
             raise InvalidInputError(
@@ -273,10 +293,6 @@ class Intake:
 # -- matching what a client sends against the stored conversation ----------------------------
 
 SentKey = tuple[str | None, str]  # a sent message's own id (or None) and content hash
-
-
-def _at(key: MessageKey) -> int:
-    return key.position
 
 
 def _same(sent: SentKey, stored: MessageKey) -> bool:
