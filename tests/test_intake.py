@@ -5,7 +5,7 @@ ambiguous to store (refused, nothing stored); derived ids never collide with a c
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ async def assert_stored(mgr: tiermem.KVCacheManager, sid: str, client: Client) -
 
 
 @pytest.fixture
-async def mgr(open_manager: Callable[..., Any]) -> Any:
+async def mgr(open_manager: Callable[..., Any]) -> AsyncIterator[tiermem.KVCacheManager]:
     manager = await open_manager(config=CONFIG)
     try:
         yield manager
