@@ -110,6 +110,7 @@ def load_llama(path: Path, **kwargs: Any) -> Any:
 # long texts are counted in pieces of this many bytes (see LlamaTokenizer._count)
 COUNT_PIECE_BYTES = 64 * 1024
 
+
 class LlamaTokenizer:
     """Token counts with the GGUF's own vocabulary, plus the model's KV shape."""
 

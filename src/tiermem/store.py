@@ -75,6 +75,15 @@ class MessageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageKey:
+    """What identifies a stored message when matching what a client sends against it."""
+
+    position: int
+    message_id: str
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     position: int
     message_id: str
@@ -628,6 +637,32 @@ class SQLiteStore:
             (key, json.dumps(list(message_ids))),
         )
         return {r[0]: r[1] for r in rows}
+
+    async def message_keys(
+        self,
+        key: int,
+        limit: int | None = None,
+        newest_first: bool = False,
+        like: tuple[Sequence[str], Sequence[str]] | None = None,
+    ) -> list[MessageKey]:
+        """The session's message keys in position order: the first `limit` (the last, if
+        `newest_first`), or all; only those with one of the content hashes or ids in `like`
+        (hashes, ids) where given. Lets a caller read the ends, or the matches, not all."""
+        where = "session_key = ?"
+        params: list[Any] = [key]
+        if like is not None:
+            where += (
+                " AND (content_hash IN (SELECT value FROM json_each(?))"
+                " OR message_id IN (SELECT value FROM json_each(?)))"
+            )
+            params += [json.dumps(list(like[0])), json.dumps(list(like[1]))]
+        rows = await self._read_all(
+            f"SELECT position, message_id, content_hash FROM messages WHERE {where}"
+            f" ORDER BY position {'DESC' if newest_first else 'ASC'} LIMIT ?",
+            (*params, -1 if limit is None else limit),
+        )
+        keys = [MessageKey(int(r[0]), r[1], r[2]) for r in rows]
+        return keys[::-1] if newest_first else keys
 
     async def append_messages(
         self,
