@@ -116,6 +116,21 @@ def validate(
     return out
 
 
+# messages longer than this in total are hashed in a worker thread
+LARGE_INPUT_CHARS = 256 * 1024
+
+
+async def _hashes(messages: Sequence[Message]) -> list[str]:
+    """The messages' content hashes; megabytes of text are hashed off the event loop."""
+
+    def hash_all() -> list[str]:
+        return [text.content_hash(m.role, m.content) for m in messages]
+
+    if sum(len(m.content) for m in messages) > LARGE_INPUT_CHARS:
+        return await anyio.to_thread.run_sync(hash_all)
+    return hash_all()
+
+
 class Intake:
     """Stores a session's new messages and makes cache entries of stored ones."""
 
@@ -144,7 +159,7 @@ class Intake:
         followed by new ones, or a conversation that left the stored one (a regenerated
         reply); see `_split`. Raises `InvalidInputError` where that match is ambiguous.
         """
-        hashes = [text.content_hash(m.role, m.content) for m in messages]
+        hashes = await _hashes(messages)
         keys: list[SentKey] = [(m.id, h) for m, h in zip(messages, hashes, strict=True)]
         call_ids: set[str] = set()
         for m in messages:

@@ -46,7 +46,7 @@ from .errors import (
     NotFoundError,
     TierMemError,
 )
-from .intake import Intake, check_text, validate
+from .intake import LARGE_INPUT_CHARS, Intake, check_text, validate
 from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from .pool import ModelPool
 from .retrieval import Retriever
@@ -98,8 +98,6 @@ INGEST_BATCH = 256
 # how many times a call starts again on a fresh copy of a session another process changed
 STALE_RETRIES = 8
 MAX_RETRIEVAL_LIMIT = 1000
-# messages longer than this in total are checked in a worker thread
-LARGE_INPUT_CHARS = 256 * 1024
 T = TypeVar("T")
 _RETRIEVE_HINT = re.compile(r"\b(explain|how to|what is|what's)\b", re.IGNORECASE)
 _IMMUTABLE_FIELDS = ("embedding_model", "llm_model_path", "summarizer_context_tokens")
