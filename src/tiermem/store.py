@@ -441,9 +441,11 @@ class SQLiteStore:
     async def _read_all(
         self, sql: str, params: Sequence[Any] = (), conn: aiosqlite.Connection | None = None
     ) -> list[Row]:
+        # one call into the connection's thread runs the statement to its end: statements
+        # of concurrent tasks interleaved on one connection would keep its read
+        # transaction open, and its snapshot stale, for as long as they overlap
         try:
-            async with (conn or self._reader).execute(sql, params) as cursor:
-                return [tuple(r) for r in await cursor.fetchall()]
+            return [tuple(r) for r in await (conn or self._reader).execute_fetchall(sql, params)]
         except sqlite3.Error as exc:
             raise StorageError(f"read from {self.path} failed: {exc}") from exc
 
