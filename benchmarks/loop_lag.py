@@ -33,8 +33,11 @@ import anyio
 from common import pct, write_results
 
 import tiermem
-from tiermem import query, retrieval, scoring, text
-from tiermem.cache import entry_type
+from tiermem import _query as query
+from tiermem import _retrieval as retrieval
+from tiermem import _scoring as scoring
+from tiermem import _text as text
+from tiermem._cache import entry_type
 
 TICK = 0.005
 TARGET_MS = 50

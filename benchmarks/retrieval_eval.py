@@ -35,8 +35,8 @@ import sqlite_vec
 from common import write_results
 
 import tiermem
-from tiermem.embedder import SentenceTransformerEmbedder
-from tiermem.text import words
+from tiermem._embedder import SentenceTransformerEmbedder
+from tiermem._text import words
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "retrieval_eval.json"

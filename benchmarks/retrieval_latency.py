@@ -27,7 +27,7 @@ import numpy as np
 from common import write_results
 
 import tiermem
-from tiermem.embedder import SentenceTransformerEmbedder
+from tiermem._embedder import SentenceTransformerEmbedder
 
 VOCABULARY = 20_000
 CHUNK = 20_000

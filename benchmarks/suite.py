@@ -37,7 +37,7 @@ from retrieval_latency import Corpus, RandomEmbedder, fill
 from sentence_transformers import SentenceTransformer
 
 import tiermem
-from tiermem.embedder import SentenceTransformerEmbedder, bundled_model_path
+from tiermem._embedder import SentenceTransformerEmbedder, bundled_model_path
 
 
 @dataclass

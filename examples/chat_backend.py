@@ -38,9 +38,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import tiermem
-from tiermem.chat import CHAT_WINDOW, REPLY_TOKENS, chat_model, prompt
 
 log = logging.getLogger(__name__)
+
+REPLY_TOKENS = 160  # the longest reply the bundled model writes
 
 # writes the assistant's reply from the messages a model should see
 Responder = Callable[[list[dict[str, str]]], Awaitable[str]]
@@ -49,7 +50,7 @@ Endpoint = Callable[[Request], Awaitable[JSONResponse]]
 
 async def bundled_responder(mgr: tiermem.KVCacheManager) -> Responder:
     """Replies from the configured GGUF (the bundled SmolLM2 by default)."""
-    llm = await chat_model(mgr, "replies")
+    llm = await tiermem.open_chat_model(mgr, "replies")
 
     async def respond(messages: list[dict[str, str]]) -> str:
         text, _ = await llm.complete(messages, REPLY_TOKENS, mgr.config.summary_timeout_seconds)
@@ -110,7 +111,7 @@ async def chat(request: Request) -> JSONResponse:
     result = await mgr.process_conversation(sid, messages, namespace=ns)
     cache = await mgr.get_active_cache(sid, namespace=ns)
     # the bridges and retrieved messages, then the newest active entries that fit
-    reply = await request.app.state.respond(prompt(result, cache, CHAT_WINDOW))
+    reply = await request.app.state.respond(tiermem.build_prompt(result, cache))
     clear = result.clear_result
     return JSONResponse(
         {

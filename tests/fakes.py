@@ -10,7 +10,7 @@ import anyio
 import numpy as np
 
 from tiermem import ModelError, SummaryText, TelemetryEvent, TranscriptLine
-from tiermem.text import words
+from tiermem._text import words
 
 E = TypeVar("E")
 

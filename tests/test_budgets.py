@@ -18,7 +18,7 @@ from tiermem import (
     KVCacheConfig,
     Message,
 )
-from tiermem.sessions import Sessions
+from tiermem._sessions import Sessions
 
 pytestmark = pytest.mark.anyio
 

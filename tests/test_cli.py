@@ -16,7 +16,7 @@ import pytest
 import tiermem
 from tests.fakes import HashingEmbedder
 from tests.test_manager import run_turns
-from tiermem.cli import main
+from tiermem._cli import main
 
 
 @pytest.fixture
@@ -412,7 +412,7 @@ def test_export_to_a_folder_a_missing_folder_or_the_database_is_one_line(
 def cli(*argv: str | bytes, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     """The CLI as a user runs it: its own process, arguments as the OS gives them."""
     return subprocess.run(
-        [sys.executable, "-m", "tiermem.cli", *argv],
+        [sys.executable, "-m", "tiermem._cli", *argv],
         input=stdin,
         capture_output=True,
         timeout=120,
@@ -437,7 +437,7 @@ def test_arguments_that_are_not_utf8_are_one_line(stored_db: Path) -> None:
 def test_a_reader_that_leaves_early_is_not_an_error(stored_db: Path) -> None:
     # `tiermem export-session a | head -1`: the pipe closes before the export is written
     process = subprocess.Popen(
-        [sys.executable, "-m", "tiermem.cli", "export-session", "a", "--db", str(stored_db)],
+        [sys.executable, "-m", "tiermem._cli", "export-session", "a", "--db", str(stored_db)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -451,7 +451,7 @@ def test_a_reader_that_leaves_early_is_not_an_error(stored_db: Path) -> None:
 def test_closed_standard_streams(stored_db: Path, tmp_path: Path) -> None:
     def run(command: str, db: Path) -> subprocess.CompletedProcess[bytes]:
         # `<&-` and `>&-`: the shell starts the CLI with that stream closed
-        line = f'exec "$0" -m tiermem.cli {command} --db "$1"'
+        line = f'exec "$0" -m tiermem._cli {command} --db "$1"'
         return subprocess.run(
             ["sh", "-c", line, sys.executable, str(db)], capture_output=True, timeout=120
         )
@@ -553,7 +553,7 @@ def test_chat_shows_what_memory_does(tmp_path: Path) -> None:
     ]
     env = {**os.environ, "TIERMEM_CLEAR_AFTER_CONVERSATIONS": "3"}
     done = subprocess.run(
-        [sys.executable, "-m", "tiermem.cli", "chat", "--db", str(tmp_path / "c.db")],
+        [sys.executable, "-m", "tiermem._cli", "chat", "--db", str(tmp_path / "c.db")],
         input="\n".join(lines) + "\n",
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from tiermem import BudgetError, ModelError
-from tiermem.pool import ModelPool
+from tiermem._pool import ModelPool
 
 pytestmark = pytest.mark.anyio
 

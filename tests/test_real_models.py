@@ -9,7 +9,7 @@ import pytest
 import tiermem
 from tests.fakes import HashingEmbedder
 from tiermem import KVCacheConfig, Message
-from tiermem.llm import bundled_gguf_path, load_llama
+from tiermem._llm import bundled_gguf_path, load_llama
 
 pytestmark = [pytest.mark.anyio, pytest.mark.real_models]
 
@@ -186,8 +186,8 @@ def test_loading_the_gguf_does_not_swallow_the_hosts_output(
 
 
 async def test_a_generation_queued_behind_another_is_not_timed_out_by_the_wait() -> None:
-    from tiermem.llm import LlamaChat
-    from tiermem.pool import ModelPool
+    from tiermem._llm import LlamaChat
+    from tiermem._pool import ModelPool
 
     chat = LlamaChat(bundled_gguf_path(), 512, None, ModelPool(), 1)
     pool = chat.pool

@@ -12,7 +12,7 @@ import tiermem
 from tests.conftest import SHAPE
 from tests.fakes import HashingEmbedder
 from tiermem import KVCacheConfig, Message
-from tiermem.query import analyse, time_window
+from tiermem._query import analyse, time_window
 
 pytestmark = pytest.mark.anyio
 

@@ -1,7 +1,7 @@
 from tiermem import ScoringWeights
-from tiermem.cache import CacheEntry, entry_type
-from tiermem.scoring import ImportanceScorer, content_score
-from tiermem.text import fts_query, keywords, matched_keywords
+from tiermem._cache import CacheEntry, entry_type
+from tiermem._scoring import ImportanceScorer, content_score
+from tiermem._text import fts_query, keywords, matched_keywords
 
 
 def entry(content: str, role: str = "user", position: int = 0, tokens: int = 10) -> CacheEntry:

@@ -13,7 +13,7 @@ import pytest
 import tiermem
 from tests.fakes import HashingEmbedder
 from tiermem import Message
-from tiermem.store import NewMessage, SQLiteStore, StateRow, _bits, _raw_connect
+from tiermem._store import NewMessage, SQLiteStore, StateRow, _bits, _raw_connect
 
 pytestmark = pytest.mark.anyio
 

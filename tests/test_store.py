@@ -5,8 +5,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tiermem import EmbeddingMismatchError, StorageError, migrate
-from tiermem.store import NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, _bits, _raw_connect
+from tiermem import EmbeddingMismatchError, StorageError
+from tiermem import _migrate as migrate
+from tiermem._store import NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, _bits, _raw_connect
 
 pytestmark = pytest.mark.anyio
 

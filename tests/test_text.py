@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiermem import text
-from tiermem.cache import entry_type
-from tiermem.query import END_SECOND, FIRST_SECOND, analyse, time_window
-from tiermem.retrieval import names_in
-from tiermem.scoring import content_score
+from tiermem import _text as text
+from tiermem._cache import entry_type
+from tiermem._query import END_SECOND, FIRST_SECOND, analyse, time_window
+from tiermem._retrieval import names_in
+from tiermem._scoring import content_score
 
 MB = 1_000_000
 NOW = datetime(2025, 8, 20, 12, tzinfo=UTC).timestamp()

@@ -1,6 +1,7 @@
 """tiermem: tiered conversational memory for chat backends (asyncio, SQLite, local models)."""
 
-from .config import (
+from ._chat import build_prompt, open_chat_model
+from ._config import (
     AdaptiveSnapshots,
     FullSnapshots,
     IncrementalSnapshots,
@@ -9,8 +10,8 @@ from .config import (
     NoSnapshots,
     ScoringWeights,
 )
-from .embedder import Embedder, SentenceTransformerEmbedder
-from .errors import (
+from ._embedder import Embedder, SentenceTransformerEmbedder
+from ._errors import (
     BudgetError,
     ConfigError,
     EmbeddingMismatchError,
@@ -21,9 +22,11 @@ from .errors import (
     StorageError,
     TierMemError,
 )
-from .manager import KVCacheManager
-from .summarizer import LLMSummarizer, Summarizer, SummaryText, TranscriptLine
-from .telemetry import (
+from ._llm import LlamaChat
+from ._manager import KVCacheManager
+from ._pool import ModelPool
+from ._summarizer import LLMSummarizer, Summarizer, SummaryText, TokenCounter, TranscriptLine
+from ._telemetry import (
     BudgetExceededEvent,
     ClearEvent,
     EvictionEvent,
@@ -38,7 +41,7 @@ from .telemetry import (
     Telemetry,
     TelemetryEvent,
 )
-from .types import (
+from ._types import (
     ActiveEntry,
     CacheClearResult,
     CacheOperation,
@@ -85,6 +88,7 @@ __all__ = [
     "KVCacheManager",
     "KVShape",
     "LLMSummarizer",
+    "LlamaChat",
     "LoggingTelemetry",
     "MaintenanceEvent",
     "MaintenanceResult",
@@ -92,6 +96,7 @@ __all__ = [
     "ManagerStatus",
     "Message",
     "ModelError",
+    "ModelPool",
     "NoSnapshots",
     "NoTelemetry",
     "NotFoundError",
@@ -117,6 +122,9 @@ __all__ = [
     "Telemetry",
     "TelemetryEvent",
     "TierMemError",
+    "TokenCounter",
     "TranscriptLine",
     "__version__",
+    "build_prompt",
+    "open_chat_model",
 ]

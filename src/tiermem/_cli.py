@@ -23,9 +23,9 @@ from typing import Any, NoReturn
 import anyio
 import anyio.to_thread
 
-from .config import KVCacheConfig
-from .errors import InvalidInputError, NotFoundError, TierMemError
-from .types import DEFAULT_NAMESPACE, ROLES, Message
+from ._config import KVCacheConfig
+from ._errors import InvalidInputError, NotFoundError, TierMemError
+from ._types import DEFAULT_NAMESPACE, ROLES, Message
 
 MAX_LIMIT = 1000  # search hits, as the config's retrieval_limit
 MAX_NAME = 512  # characters in a session id or namespace, as the library allows
@@ -73,7 +73,7 @@ async def _open(
     args: argparse.Namespace, config: KVCacheConfig | None = None, *, create: bool = False
 ) -> Any:
     """The manager on `--db`; a database that is not there is an error unless `create`."""
-    from .manager import KVCacheManager
+    from ._manager import KVCacheManager
 
     await _check_db(args.db, create)
     return await KVCacheManager.open(args.db, config or _config(args))
@@ -126,7 +126,7 @@ def _check_fixture(path: Path) -> None:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .demo import find_fixture, run_demo
+    from ._demo import find_fixture, run_demo
 
     await anyio.to_thread.run_sync(_check_fixture, find_fixture(args.fixture))
     await _check_db(args.db, create=True)
@@ -134,7 +134,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 async def _chat(args: argparse.Namespace) -> int:
-    from .chat import run_chat
+    from ._chat import run_chat
 
     if sys.stdin is None:  # started with standard input closed
         raise InvalidInputError("chat reads standard input, and it is closed")
@@ -367,7 +367,7 @@ class _Progress:
 
 
 async def _ingest(args: argparse.Namespace) -> int:
-    from .intake import validate
+    from ._intake import validate
 
     config = _config(args)
     by_session = await anyio.to_thread.run_sync(

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pysqlite3.dbapi2 as sqlite3
 
-from .errors import StorageError, TierMemError
+from ._errors import StorageError, TierMemError
 
 log = logging.getLogger("tiermem")
 

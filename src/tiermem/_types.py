@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import InvalidInputError
+from ._errors import InvalidInputError
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .cache import ActiveCache, CacheEntry
-from .config import KVCacheConfig
+from ._cache import ActiveCache, CacheEntry
+from ._config import KVCacheConfig
 
 # eviction reasons (the keys of `status().evictions_by_reason`)
 MEMORY = "memory_budget"

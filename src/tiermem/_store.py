@@ -41,11 +41,12 @@ import numpy as np
 import pysqlite3.dbapi2 as sqlite3
 import sqlite_vec
 
-from . import migrate, text
-from .errors import EmbeddingMismatchError, StorageError
+from . import _migrate as migrate
+from . import _text as text
+from ._errors import EmbeddingMismatchError, StorageError
 
 Row = tuple[Any, ...]
-log = logging.getLogger("tiermem.store")
+log = logging.getLogger("tiermem._store")
 
 # the bit index proposes this many candidates per nearest neighbour wanted (see vector_search)
 KNN_OVERSAMPLE = 4

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import text
-from .types import timestamp_to_datetime
+from . import _text as text
+from ._types import timestamp_to_datetime
 
 MONTHS = {
     name: i + 1

@@ -25,11 +25,13 @@ import anyio.to_thread
 import numpy as np
 import psutil
 
-from . import bridge, budgets, text
-from .boundary import convert, map_errors
-from .budgets import SessionBudget
-from .cache import CacheEntry
-from .config import (
+from . import _bridge as bridge
+from . import _budgets as budgets
+from . import _text as text
+from ._boundary import convert, map_errors
+from ._budgets import SessionBudget
+from ._cache import CacheEntry
+from ._config import (
     KV_CACHE_TYPE_BYTES,
     AdaptiveSnapshots,
     FullSnapshots,
@@ -37,8 +39,8 @@ from .config import (
     KVCacheConfig,
     KVShape,
 )
-from .embedder import Embedder, SentenceTransformerEmbedder
-from .errors import (
+from ._embedder import Embedder, SentenceTransformerEmbedder
+from ._errors import (
     ConfigError,
     InvalidInputError,
     ManagerClosedError,
@@ -46,17 +48,17 @@ from .errors import (
     NotFoundError,
     TierMemError,
 )
-from .intake import LARGE_INPUT_CHARS, Intake, check_text, validate
-from .llm import LlamaChat, LlamaTokenizer, resolve_gguf
-from .pool import ModelPool
-from .retrieval import Retriever
-from .scoring import ImportanceScorer
-from .sessions import Ident, Session, SessionMemory
-from .statistics import CacheStatistics
-from .store import SnapshotEntryRow, SQLiteStore, StaleSession, SummaryRow
-from .summaries import SummaryKeeper, SummaryOutcome
-from .summarizer import LLMSummarizer, Summarizer, TokenCounter
-from .telemetry import (
+from ._intake import LARGE_INPUT_CHARS, Intake, check_text, validate
+from ._llm import LlamaChat, LlamaTokenizer, resolve_gguf
+from ._pool import ModelPool
+from ._retrieval import Retriever
+from ._scoring import ImportanceScorer
+from ._sessions import Ident, Session, SessionMemory
+from ._statistics import CacheStatistics
+from ._store import SnapshotEntryRow, SQLiteStore, StaleSession, SummaryRow
+from ._summaries import SummaryKeeper, SummaryOutcome
+from ._summarizer import LLMSummarizer, Summarizer, TokenCounter
+from ._telemetry import (
     BudgetExceededEvent,
     ClearEvent,
     Guarded,
@@ -67,7 +69,7 @@ from .telemetry import (
     SummaryEvent,
     Telemetry,
 )
-from .types import (
+from ._types import (
     DEFAULT_NAMESPACE,
     ActiveEntry,
     CacheClearResult,

@@ -36,12 +36,12 @@ from typing import Any
 import anyio
 import numpy as np
 
-from . import query as query_cues
-from . import text
-from .cache import CacheEntry
-from .config import KVCacheConfig
-from .embedder import Embedder
-from .store import MessageRow, SQLiteStore
+from . import _query as query_cues
+from . import _text as text
+from ._cache import CacheEntry
+from ._config import KVCacheConfig
+from ._embedder import Embedder
+from ._store import MessageRow, SQLiteStore
 
 ESCALATE_TIER2_BELOW = 5
 ESCALATE_TIER3_BELOW = 3

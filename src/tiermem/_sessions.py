@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from . import budgets
-from .cache import ActiveCache, CacheEntry
-from .config import KVCacheConfig
-from .errors import InvalidInputError, NotFoundError, TierMemError
-from .intake import Intake, check_name
-from .locks import KeyedLocks
-from .store import SQLiteStore, StateRow, SummaryRow
-from .telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
+from . import _budgets as budgets
+from ._cache import ActiveCache, CacheEntry
+from ._config import KVCacheConfig
+from ._errors import InvalidInputError, NotFoundError, TierMemError
+from ._intake import Intake, check_name
+from ._locks import KeyedLocks
+from ._store import SQLiteStore, StateRow, SummaryRow
+from ._telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
 
 log = logging.getLogger("tiermem")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .errors import StorageError
+from ._errors import StorageError
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _REBUILDS_TABLES = re.compile(r"^-- migrate: rebuilds tables\s*$", re.MULTILINE)

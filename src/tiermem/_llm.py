@@ -19,9 +19,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .config import KVShape
-from .errors import ModelError
-from .pool import ModelPool
+from ._config import KVShape
+from ._errors import ModelError
+from ._pool import ModelPool
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOAD_LOCK = threading.Lock()

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import anyio
 
-from .errors import TierMemError
-from .locks import KeyedLocks
-from .store import SQLiteStore, SummaryRow
-from .summarizer import Summarizer, TranscriptLine
+from ._errors import TierMemError
+from ._locks import KeyedLocks
+from ._store import SQLiteStore, SummaryRow
+from ._summarizer import Summarizer, TranscriptLine
 
-log = logging.getLogger("tiermem.summaries")
+log = logging.getLogger("tiermem._summaries")
 
 # fewer new messages than this are not worth a summary yet
 MIN_SUMMARY_MESSAGES = 4

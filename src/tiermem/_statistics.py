@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from datetime import UTC, datetime
 
-from .types import CacheOperation, CacheStatisticsExport, OperationType
+from ._types import CacheOperation, CacheStatisticsExport, OperationType
 
 HISTORY_LIMIT = 100
 

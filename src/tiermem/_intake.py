@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import numpy as np
 
-from . import text
-from .cache import CacheEntry, entry_type
-from .embedder import Embedder
-from .errors import InvalidInputError, ModelError
-from .retrieval import EMBED_MAX_CHARS
-from .store import MessageKey, MessageRow, NewMessage, SQLiteStore, StateRow
-from .summarizer import TokenCounter
-from .types import Message
+from . import _text as text
+from ._cache import CacheEntry, entry_type
+from ._embedder import Embedder
+from ._errors import InvalidInputError, ModelError
+from ._retrieval import EMBED_MAX_CHARS
+from ._store import MessageKey, MessageRow, NewMessage, SQLiteStore, StateRow
+from ._summarizer import TokenCounter
+from ._types import Message
 
 if TYPE_CHECKING:
-    from .sessions import Session
+    from ._sessions import Session
 
 
 def derived_id(session_id: str, position: int, suffix: int = 0) -> str:

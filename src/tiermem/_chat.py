@@ -13,11 +13,11 @@ from typing import TextIO
 import anyio
 import anyio.to_thread
 
-from .config import KVCacheConfig
-from .llm import LlamaChat, resolve_gguf
-from .manager import KVCacheManager
-from .telemetry import SummaryEvent
-from .types import ActiveEntry, CacheProcessingResult, Message
+from ._config import KVCacheConfig
+from ._llm import LlamaChat, resolve_gguf
+from ._manager import KVCacheManager
+from ._telemetry import SummaryEvent
+from ._types import ActiveEntry, CacheProcessingResult, Message
 
 SYSTEM = "You are a friendly assistant. Answer in one or two sentences."
 CHAT_WINDOW = 2048
@@ -72,12 +72,18 @@ def describe(result: CacheProcessingResult) -> list[str]:
     return lines
 
 
-def prompt(
-    result: CacheProcessingResult, cache: list[ActiveEntry], window_tokens: int
+def build_prompt(
+    result: CacheProcessingResult,
+    cache: list[ActiveEntry],
+    window_tokens: int = CHAT_WINDOW,
+    *,
+    system_prompt: str = SYSTEM,
+    reply_tokens: int = REPLY_TOKENS,
 ) -> list[dict[str, str]]:
-    """The model's messages: the system text with the bridges and retrieved messages, then
-    the newest active-cache entries that fit the window."""
-    system = [SYSTEM, *result.bridge_messages]
+    """The messages a chat model should see after a turn: the system text with the turn's
+    bridges and retrieved messages, then the newest active-cache entries that fit the
+    window (leaving `reply_tokens` for the answer)."""
+    system = [system_prompt, *result.bridge_messages]
     retrieval = result.retrieval_result
     in_cache = {e.message_id for e in cache}
     if retrieval is not None:
@@ -88,7 +94,7 @@ def prompt(
             system.append(
                 "Earlier messages that may help:\n" + "\n".join(f"- {t}" for t in recalled)
             )
-    budget = window_tokens - REPLY_TOKENS - sum(len(s) // 3 for s in system)
+    budget = window_tokens - reply_tokens - sum(len(s) // 3 for s in system)
     turns: list[dict[str, str]] = []
     for entry in reversed([e for e in cache if e.role in ("user", "assistant")]):
         budget -= entry.token_count + 8
@@ -98,9 +104,11 @@ def prompt(
     return [{"role": "system", "content": "\n\n".join(system)}, *reversed(turns)]
 
 
-async def chat_model(mgr: KVCacheManager, name: str) -> LlamaChat:
-    """The configured GGUF for writing replies: its own instance in the manager's model
-    pool, beside the summarizer's, so a reply never queues behind a summary."""
+async def open_chat_model(mgr: KVCacheManager, name: str = "replies") -> LlamaChat:
+    """The configured GGUF (the bundled SmolLM2 by default) for writing replies: its own
+    instance in the manager's model pool, beside the summarizer's, so a reply never queues
+    behind a summary. Answer with `await model.complete(build_prompt(...), max_tokens,
+    timeout)`."""
     config = mgr.config
     gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
     return LlamaChat(gguf, CHAT_WINDOW, config.llm_threads, mgr.model_pool, name=name)
@@ -113,7 +121,7 @@ async def run_chat(
         print(line, file=out, flush=True)
 
     async with await KVCacheManager.open(db, config, telemetry=_SummaryPrinter(out)) as mgr:
-        llm = await chat_model(mgr, "chat")
+        llm = await open_chat_model(mgr, "chat")
         state = await mgr.get_session_state(session, namespace=namespace)
         if state is not None:
             say(
@@ -135,7 +143,7 @@ async def run_chat(
                 say(note)
             cache = await mgr.get_active_cache(session, namespace=namespace)
             text, _ = await llm.complete(
-                prompt(result, cache, CHAT_WINDOW), REPLY_TOKENS, config.summary_timeout_seconds
+                build_prompt(result, cache), REPLY_TOKENS, config.summary_timeout_seconds
             )
             say(f"assistant: {text}")
             reply = [Message("assistant", text)]

@@ -12,9 +12,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from . import text
-from .cache import CacheEntry
-from .config import ScoringWeights
+from . import _text as text
+from ._cache import CacheEntry
+from ._config import ScoringWeights
 
 SCAN_HEAD_CHARS = 16 * 1024
 SCAN_TAIL_CHARS = 1024

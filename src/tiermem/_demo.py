@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import KVCacheConfig
-from .manager import KVCacheManager
-from .types import Message
+from ._config import KVCacheConfig
+from ._manager import KVCacheManager
+from ._types import Message
 
 DEFAULT_FIXTURE = "fixtures/demo_conversation.json"
 

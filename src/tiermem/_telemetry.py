@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from .errors import ConfigError
+from ._errors import ConfigError
 
 log = logging.getLogger("tiermem")
 

@@ -17,8 +17,8 @@ import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ModelError
-from .pool import ModelPool
+from ._errors import ModelError
+from ._pool import ModelPool
 
 Vectors = npt.NDArray[np.float32]
 

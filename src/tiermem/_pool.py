@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .errors import BudgetError, ModelError
+from ._errors import BudgetError, ModelError
 
 
 @dataclass(slots=True)

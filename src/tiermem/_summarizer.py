@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import anyio.to_thread
 
-from .errors import ModelError
+from ._errors import ModelError
 
 FIRST_MAX_TOKENS = 300
 UPDATE_MAX_TOKENS = 400

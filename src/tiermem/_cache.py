@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from . import text
+from . import _text as text
 
 
 @dataclass(slots=True)
