@@ -87,7 +87,7 @@ async def test_opening_and_closing_100_times_leaves_nothing_open(
 
 async def test_an_unclosed_manager_warns(open_manager: Callable[..., Any]) -> None:
     mgr = await open_manager()
-    store, pool = mgr._store, mgr._pool  # to free what the forgotten manager held
+    store, pool = mgr._store, mgr.model_pool  # to free what the forgotten manager held
     with pytest.warns(ResourceWarning, match="not closed"):
         del mgr
         gc.collect()

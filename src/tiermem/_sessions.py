@@ -111,7 +111,7 @@ class SessionMemory:
     ) -> None:
         self.sessions = Sessions()
         self._store = store
-        self._intake = intake
+        self.intake = intake
         self._config = config
         self._telemetry = telemetry
         self._clock = clock
@@ -168,7 +168,7 @@ class SessionMemory:
         rows = await self._store.messages_by_rowid(state.pinned or [])
         rows += await self._store.messages_between(key, state.cleared_through)
         embedded = self._config().generate_cache_embeddings
-        session.cache.add(await self._intake.entries(rows, embedded))
+        session.cache.add(await self.intake.entries(rows, embedded))
         for entry in session.cache.entries:
             access, engagement = (state.entry_stats or {}).get(str(entry.rowid), (0, 0.0))
             entry.access_count, entry.engagement = int(access), float(engagement)
@@ -266,6 +266,13 @@ class SessionMemory:
             session.key, session.state.version, stats
         ):
             session.state.entry_stats = stats
+
+    async def flush_quietly(self, session: Session) -> None:
+        """`flush`, with a failure logged (at shutdown: the figures are soft)."""
+        try:
+            await self.flush(session)
+        except TierMemError as exc:
+            log.warning("could not flush session %r: %s", session.session_id, exc)
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.sessions.kv_bytes)

@@ -1,0 +1,102 @@
+"""Rows and in-memory sessions as the public types a host gets back: one place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from . import _text as text
+from ._cache import CacheEntry
+from ._retrieval import Candidate
+from ._sessions import Session
+from ._store import MessageRow, SummaryRow
+from ._types import (
+    ActiveEntry,
+    PreservedEntry,
+    RetrievedEntry,
+    SessionCacheState,
+    SessionInfo,
+    SessionSummary,
+    SnapshotInfo,
+    StoredMessage,
+    timestamp_to_datetime,
+)
+
+
+def state(session: Session) -> SessionCacheState:
+    s = session.state
+    return SessionCacheState(
+        session_id=session.session_id,
+        namespace=session.namespace,
+        conversation_count=s.conversation_count,
+        clear_count=s.clear_count,
+        entry_count=len(session.cache.entries),
+        cache_size_bytes=session.cache.kv_bytes,
+        token_count=session.cache.token_count,
+        message_count=s.message_count,
+        last_cleared_at=timestamp_to_datetime(s.last_cleared_at) if s.last_cleared_at else None,
+        last_snapshot_id=s.last_snapshot_id,
+        last_activity=timestamp_to_datetime(session.last_activity),
+    )
+
+
+def summary(row: SummaryRow) -> SessionSummary:
+    return SessionSummary(
+        text=row.text,
+        clear_count=row.clear_count,
+        token_count=row.token_count,
+        message_count=row.message_count,
+        updated_at=timestamp_to_datetime(row.updated_at),
+    )
+
+
+def snapshot(row: Sequence[Any]) -> SnapshotInfo:
+    snapshot_id, reason, entry_count, size_bytes, created_at = row
+    created = timestamp_to_datetime(created_at)
+    return SnapshotInfo(int(snapshot_id), reason, int(entry_count), int(size_bytes), created)
+
+
+def session_info(row: Sequence[Any]) -> SessionInfo:
+    namespace, session_id, count, size, last_activity = row
+    return SessionInfo(namespace, session_id, count, size, timestamp_to_datetime(last_activity))
+
+
+def active_cache(session: Session) -> list[ActiveEntry]:
+    return [
+        ActiveEntry(
+            e.message_id, e.role, e.content, e.token_count, e.kv_bytes, e.entry_type, e.access_count
+        )
+        for e in session.cache.entries
+    ]
+
+
+def preserved(entries: Sequence[CacheEntry]) -> list[PreservedEntry]:
+    return [
+        PreservedEntry(e.message_id, e.role, e.content, e.importance, e.entry_type) for e in entries
+    ]
+
+
+def stored_message(row: MessageRow) -> StoredMessage:
+    return StoredMessage(
+        row.message_id,
+        row.position,
+        row.role,
+        row.content,
+        timestamp_to_datetime(row.created_at),
+        json.loads(row.metadata) if row.metadata else None,
+    )
+
+
+def hit(candidate: Candidate, keywords: Sequence[str]) -> RetrievedEntry:
+    row = candidate.row
+    assert row is not None
+    return RetrievedEntry(
+        text=row.content,
+        similarity_score=round(candidate.score, 6),
+        source_tier=candidate.tier,
+        message_ids=[r.message_id for r in (row, *candidate.same_text)],
+        matched_keywords=text.matched_keywords(row.content, keywords),
+        role=row.role,
+        created_at=timestamp_to_datetime(row.created_at),
+    )
