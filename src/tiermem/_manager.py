@@ -55,7 +55,7 @@ from ._retrieval import Retriever
 from ._scoring import ImportanceScorer
 from ._sessions import Ident, Session, SessionMemory
 from ._statistics import CacheStatistics
-from ._store import SnapshotEntryRow, SQLiteStore, StaleSession, SummaryRow
+from ._store import SnapshotEntryRow, SnapshotRow, SQLiteStore, StaleSession, Store, SummaryRow
 from ._summaries import SummaryKeeper, SummaryOutcome
 from ._summarizer import LLMSummarizer, Summarizer, TokenCounter
 from ._telemetry import (
@@ -120,7 +120,7 @@ class KVCacheManager:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         config: KVCacheConfig,
         embedder: Embedder,
         summarizer: Summarizer | None,
@@ -231,6 +231,7 @@ class KVCacheManager:
             config.busy_timeout_ms,
             read_only=config.read_only,
             check=config.check_on_open,
+            clock=clock,
         )
         return cls(
             store,
@@ -629,8 +630,7 @@ class KVCacheManager:
         state.pinned = [e.rowid for e in keep]
         state.last_cleared_at = self._clock()
         state.entry_stats = session.stats_of(keep)
-        vectors = {e.rowid: e.vector for e in keep if e.vector is not None}
-        snapshot_id = await self._store.save_clear(session.key, state, snapshot, vectors)
+        snapshot_id = await self._store.save_clear(session.key, state, snapshot)
         session.state = state
         session.cache.replace(keep)
         pending = c.summary_mode == "background" and self._schedule_summary(session)
@@ -867,8 +867,7 @@ class KVCacheManager:
             found = await self._store.snapshot_entries(session.key, snapshot_id)
         if found is None:
             raise NotFoundError(f"session {session_id!r} has no snapshot {snapshot_id}")
-        created_at, rows = found
-        messages = await self._store.messages_by_rowid([r.message_rowid for r in rows])
+        messages = await self._store.messages_by_rowid([r.message_rowid for r in found.entries])
         restored = await self._intake.entries(messages, self._config.generate_cache_embeddings)
         state = session.state.copy()
         pinned = set(state.pinned or [])
@@ -878,7 +877,7 @@ class KVCacheManager:
         await self._store.save_state(session.key, state)
         session.state = state
         session.cache.add(restored)
-        minutes = max(0, int((self._clock() - created_at) // 60))
+        minutes = max(0, int((self._clock() - found.created_at) // 60))
         self._stats.record_restore(snapshot_id, len(messages), session.session_id)
         return RestoreResult(
             snapshot_id, len(messages), bridge.restore_bridge(len(messages), minutes), minutes
@@ -951,8 +950,14 @@ class KVCacheManager:
         """Every stored session, the most recently active first."""
         async with self._call():
             return [
-                SessionInfo(ns, sid, count, size, timestamp_to_datetime(ts))
-                for ns, sid, count, size, ts in await self._store.list_sessions()
+                SessionInfo(
+                    r.namespace,
+                    r.session_id,
+                    r.message_count,
+                    r.text_bytes,
+                    timestamp_to_datetime(r.last_activity),
+                )
+                for r in await self._store.list_sessions()
             ]
 
     # -- writing state ---------------------------------------------------------------------
@@ -1097,14 +1102,9 @@ def _public_summary(row: SummaryRow) -> SessionSummary:
     )
 
 
-def _public_snapshot(row: Sequence[Any]) -> SnapshotInfo:
-    snapshot_id, reason, entry_count, size_bytes, created_at = row
+def _public_snapshot(row: SnapshotRow) -> SnapshotInfo:
     return SnapshotInfo(
-        int(snapshot_id),
-        reason,
-        int(entry_count),
-        int(size_bytes),
-        timestamp_to_datetime(created_at),
+        row.id, row.reason, row.entry_count, row.size_bytes, timestamp_to_datetime(row.created_at)
     )
 
 

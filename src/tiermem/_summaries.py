@@ -23,7 +23,7 @@ import anyio
 
 from ._errors import TierMemError
 from ._locks import KeyedLocks
-from ._store import SQLiteStore, SummaryRow
+from ._store import Store, SummaryRow
 from ._summarizer import Summarizer, TranscriptLine
 
 log = logging.getLogger("tiermem._summaries")
@@ -50,9 +50,7 @@ class SummaryOutcome:
 class SummaryKeeper:
     """Runs summary updates for every session of a manager, inline or in the background."""
 
-    def __init__(
-        self, store: SQLiteStore, summarizer: Summarizer, clock: Callable[[], float]
-    ) -> None:
+    def __init__(self, store: Store, summarizer: Summarizer, clock: Callable[[], float]) -> None:
         self._store = store
         self._summarizer = summarizer
         self._clock = clock
