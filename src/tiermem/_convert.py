@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from . import _text as text
 from ._cache import CacheEntry
 from ._retrieval import Candidate
 from ._sessions import Session
-from ._store import MessageRow, SummaryRow
+from ._store import MessageRow, SessionRow, SnapshotRow, SummaryRow
 from ._types import (
     ActiveEntry,
     PreservedEntry,
@@ -51,15 +50,19 @@ def summary(row: SummaryRow) -> SessionSummary:
     )
 
 
-def snapshot(row: Sequence[Any]) -> SnapshotInfo:
-    snapshot_id, reason, entry_count, size_bytes, created_at = row
-    created = timestamp_to_datetime(created_at)
-    return SnapshotInfo(int(snapshot_id), reason, int(entry_count), int(size_bytes), created)
+def snapshot(row: SnapshotRow) -> SnapshotInfo:
+    created = timestamp_to_datetime(row.created_at)
+    return SnapshotInfo(row.id, row.reason, row.entry_count, row.size_bytes, created)
 
 
-def session_info(row: Sequence[Any]) -> SessionInfo:
-    namespace, session_id, count, size, last_activity = row
-    return SessionInfo(namespace, session_id, count, size, timestamp_to_datetime(last_activity))
+def session_info(row: SessionRow) -> SessionInfo:
+    return SessionInfo(
+        row.namespace,
+        row.session_id,
+        row.message_count,
+        row.text_bytes,
+        timestamp_to_datetime(row.last_activity),
+    )
 
 
 def active_cache(session: Session) -> list[ActiveEntry]:

@@ -17,7 +17,7 @@ from ._cache import CacheEntry, entry_type
 from ._embedder import Embedder
 from ._errors import InvalidInputError, ModelError
 from ._retrieval import EMBED_MAX_CHARS
-from ._store import MessageKey, MessageRow, NewMessage, SQLiteStore, StateRow
+from ._store import MessageKey, MessageRow, NewMessage, StateRow, Store
 from ._summarizer import TokenCounter
 from ._types import Message
 
@@ -136,7 +136,7 @@ class Intake:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         embedder: Embedder,
         tokens: TokenCounter,
         bytes_per_token: int,

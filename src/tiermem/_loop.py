@@ -25,7 +25,7 @@ from ._retrieval import Retriever
 from ._scoring import ImportanceScorer
 from ._sessions import Session, SessionMemory
 from ._statistics import CacheStatistics
-from ._store import SQLiteStore, StaleSession
+from ._store import StaleSession, Store
 from ._summaries import SummaryKeeper, SummaryOutcome
 from ._telemetry import BudgetExceededEvent, ClearEvent, RetrievalEvent, SnapshotEvent, Telemetry
 from ._types import (
@@ -47,7 +47,7 @@ class MemoryLoop:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         intake: Intake,
         memory: SessionMemory,
         summaries: SummaryKeeper,
@@ -215,7 +215,6 @@ class MemoryLoop:
             session.key,
             state,
             None if snapshot is None else (snapshot.reason, snapshot.strategy, snapshot.entries),
-            {e.rowid: e.vector for e in keep if e.vector is not None},
         )
         session.state = state
         session.cache.replace(keep)
@@ -314,8 +313,7 @@ class MemoryLoop:
             found = await self._store.snapshot_entries(session.key, snapshot_id)
         if found is None:
             raise NotFoundError(f"session {session.session_id!r} has no snapshot {snapshot_id}")
-        created_at, rows = found
-        messages = await self._store.messages_by_rowid([r.message_rowid for r in rows])
+        messages = await self._store.messages_by_rowid([r.message_rowid for r in found.entries])
         restored = await self._intake.entries(messages, self.config.generate_cache_embeddings)
         state = session.state.copy()
         pinned = set(state.pinned or [])
@@ -325,7 +323,7 @@ class MemoryLoop:
         await self._store.save_state(session.key, state)
         session.state = state
         session.cache.add(restored)
-        minutes = max(0, int((self._clock() - created_at) // 60))
+        minutes = max(0, int((self._clock() - found.created_at) // 60))
         self.stats.record_restore(snapshot_id, len(messages), session.session_id)
         return RestoreResult(
             snapshot_id, len(messages), bridge.restore_bridge(len(messages), minutes), minutes

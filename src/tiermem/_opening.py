@@ -16,7 +16,7 @@ from ._embedder import Embedder, SentenceTransformerEmbedder
 from ._errors import ModelError
 from ._llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from ._pool import ModelPool
-from ._store import SQLiteStore
+from ._store import SQLiteStore, Store
 from ._summarizer import LLMSummarizer, Summarizer, TokenCounter
 
 log = logging.getLogger("tiermem")
@@ -40,7 +40,7 @@ class HeuristicTokenCounter:
 class Parts:
     """What a manager is made of."""
 
-    store: SQLiteStore
+    store: Store
     config: KVCacheConfig
     embedder: Embedder
     summarizer: Summarizer | None
@@ -108,5 +108,6 @@ async def open_parts(
         config.busy_timeout_ms,
         read_only=config.read_only,
         check=config.check_on_open,
+        clock=clock,
     )
     return Parts(store, config, embedder, summarizer, tokens, shape, context, pool, stoppers)

@@ -21,7 +21,7 @@ from ._config import KVCacheConfig
 from ._errors import InvalidInputError, NotFoundError, TierMemError
 from ._intake import Intake, check_name
 from ._locks import KeyedLocks
-from ._store import SQLiteStore, StateRow, SummaryRow
+from ._store import StateRow, Store, SummaryRow
 from ._telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
 
 log = logging.getLogger("tiermem")
@@ -102,7 +102,7 @@ class SessionMemory:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         intake: Intake,
         config: Callable[[], KVCacheConfig],
         telemetry: Telemetry,
@@ -151,9 +151,9 @@ class SessionMemory:
         session = self.sessions.use(ident)
         if session is not None:
             current = await self._store.session_version(session.key)
-            if current is not None and current[0] == session.state.version:
+            if current is not None and current.version == session.state.version:
                 covered = session.summary.covered_through if session.summary else -1
-                if current[1] != covered:  # another process wrote the summary
+                if current.summary_covered_through != covered:  # another process wrote it
                     session.summary = await self._store.summary(session.key)
                 self.hits += 1
                 return session

@@ -24,7 +24,7 @@ import anyio
 
 from ._errors import TierMemError
 from ._locks import KeyedLocks
-from ._store import SQLiteStore, SummaryRow
+from ._store import Store, SummaryRow
 from ._summarizer import Summarizer, TranscriptLine
 from ._telemetry import SummaryEvent, Telemetry
 
@@ -58,7 +58,7 @@ class SummaryKeeper:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         summarizer: Summarizer | None,
         clock: Callable[[], float],
         telemetry: Telemetry,
