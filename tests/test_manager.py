@@ -377,3 +377,37 @@ async def test_statistics_track_operations(manager: tiermem.KVCacheManager) -> N
     assert kinds == ["Clear", "Snapshot", "Retrieve"]
     manager.reset_statistics()
     assert manager.export_statistics().total_clears == 0
+
+
+async def test_full_snapshots_are_pruned_to_max_snapshots(manager: tiermem.KVCacheManager) -> None:
+    manager.update_config(snapshot_strategy={"kind": "full", "max_snapshots": 3})
+    code = "```js\nconst x = 1;\n```"
+    await manager.process_conversation("s", [SYSTEM, *turn(0, "code please", code)])
+    for _ in range(5):
+        await manager.manual_clear_cache("s")
+    assert len(await manager.list_snapshots("s")) == 5
+    assert (await manager.perform_maintenance()).snapshots_pruned == 2
+    assert len(await manager.list_snapshots("s")) == 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"embedding_model": "other"},
+        {"context_window_tokens": 128},
+        {"kv_shape": {"n_layers": 1, "n_kv_heads": 1, "head_dim": 8, "dtype_bytes": 2}},
+        {"model_memory_limit_bytes": 10**9},
+        {"summary_timeout_seconds": 5},
+        {"embedding_batch_size": 8},
+        {"busy_timeout_ms": 1},
+        {"read_only": True},
+    ],
+)
+async def test_update_config_refuses_settings_fixed_at_open(
+    manager: tiermem.KVCacheManager, change: dict[str, Any]
+) -> None:
+    before = manager.config
+    with pytest.raises(tiermem.ConfigError, match="cannot change"):
+        manager.update_config(**change)
+    assert manager.config == before
+    assert manager.update_config(clear_after_conversations=5).clear_after_conversations == 5

@@ -91,7 +91,7 @@ def snapshot_plan(
 def max_snapshots(config: KVCacheConfig) -> int | None:
     """How many snapshots maintenance keeps per session (None: the strategy takes none)."""
     strategy = config.snapshot_strategy
-    if isinstance(strategy, IncrementalSnapshots | AdaptiveSnapshots):
+    if isinstance(strategy, IncrementalSnapshots | FullSnapshots | AdaptiveSnapshots):
         return strategy.max_snapshots
     return None
 
