@@ -271,3 +271,21 @@ async def test_session_locks_exist_only_while_used() -> None:
         second.set()
     assert not sessions.busy(ident)
     assert sessions._locks == {}
+
+
+async def test_status_totals_follow_every_change_of_every_session(
+    open_manager: Callable[..., Any],
+) -> None:
+    """The manager-wide figures are running sums: after turns, clears, restores,
+    evictions and deletes they equal the sum over the sessions' own figures."""
+    async with await open_manager() as mgr:
+        for i in range(12):
+            sid = f"s{i % 4}"
+            await mgr.process_conversation(sid, [Message("user", f"note {i} " * (i + 1))])
+            if i % 5 == 4:
+                await mgr.manual_clear_cache(sid)
+        await mgr.delete_session("s1")
+        status = await mgr.status()
+        states = [await mgr.get_session_state(f"s{i}") for i in (0, 2, 3)]
+        assert status.estimated_bytes == sum(s.cache_size_bytes for s in states if s)
+        assert status.total_entries == sum(s.entry_count for s in states if s)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from . import _budgets as budgets
-from ._cache import ActiveCache, CacheEntry
+from ._cache import ActiveCache, CacheEntry, Totals
 from ._config import KVCacheConfig
 from ._errors import InvalidInputError, NotFoundError, TierMemError
 from ._intake import Intake, check_name
@@ -59,6 +59,7 @@ class Sessions:
     def __init__(self) -> None:
         self._live: OrderedDict[Ident, Session] = OrderedDict()
         self.locks = KeyedLocks[Ident]()
+        self._totals = Totals()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -78,21 +79,27 @@ class Sessions:
         return session
 
     def add(self, session: Session) -> None:
+        self.remove(session.ident)
         self._live[session.ident] = session
+        session.cache.count_in(self._totals)
 
     def remove(self, ident: Ident) -> Session | None:
-        return self._live.pop(ident, None)
+        session = self._live.pop(ident, None)
+        if session is not None:
+            session.cache.count_in(None)
+        return session
 
     def clear(self) -> None:
-        self._live.clear()
+        for ident in list(self._live):
+            self.remove(ident)
 
     @property
     def kv_bytes(self) -> int:
-        return sum(s.cache.kv_bytes for s in self._live.values())
+        return self._totals.kv_bytes
 
     @property
     def entries(self) -> int:
-        return sum(len(s.cache.entries) for s in self._live.values())
+        return self._totals.entries
 
 
 class SessionMemory:
