@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import psutil
 
 from . import _text as text
 from ._cache import CacheEntry
+from ._opening import Parts
 from ._retrieval import Candidate
-from ._sessions import Session
-from ._store import MessageRow, SessionRow, SnapshotRow, SummaryRow
+from ._sessions import Session, SessionMemory
+from ._store import MessageRow, SessionRow, SnapshotRow, Store, SummaryRow
 from ._types import (
     ActiveEntry,
+    ManagerStatus,
     PreservedEntry,
     RetrievedEntry,
     SessionCacheState,
@@ -103,3 +109,45 @@ def hit(candidate: Candidate, keywords: Sequence[str]) -> RetrievedEntry:
         role=row.role,
         created_at=timestamp_to_datetime(row.created_at),
     )
+
+
+def status(parts: Parts, memory: SessionMemory, summaries_pending: int) -> ManagerStatus:
+    sessions = memory.sessions
+    models: dict[str, Any] = {
+        **parts.pool.stats(),
+        "embedding": {
+            "name": parts.embedder.model_name,
+            "dimensions": parts.embedder.dimensions,
+            "loaded": bool(getattr(parts.embedder, "loaded", True)),
+        },
+        "kv_bytes_per_token": parts.kv_shape.bytes_per_token,
+        "context_tokens": parts.context_tokens,
+        "summarizer": type(parts.summarizer).__name__ if parts.summarizer else None,
+        "summaries_pending": summaries_pending,
+    }
+    return ManagerStatus(
+        estimated_bytes=sessions.kv_bytes,
+        budget_bytes=parts.config.max_bytes_total,
+        peak_bytes=max(memory.peak_bytes, sessions.kv_bytes),
+        session_count=len(sessions),
+        total_entries=sessions.entries,
+        evictions_by_reason=dict(memory.evictions),
+        hits=memory.hits,
+        misses=memory.misses,
+        rss_bytes=psutil.Process().memory_info().rss,
+        models=models,
+    )
+
+
+async def storage_status(store: Store) -> dict[str, int]:
+    """What the database holds, and the bytes of its files (the WAL included)."""
+    tables = ("sessions", "messages", "kv_snapshots", "session_summaries")
+    counts = await store.counts(tables)
+    file_bytes = 0
+    for suffix in ("", "-wal"):
+        file = anyio.Path(store.path + suffix)
+        if await file.exists():
+            file_bytes += (await file.stat()).st_size
+    names = ("sessions", "messages", "snapshots", "summaries")
+    figures = {name: counts[table] for name, table in zip(names, tables, strict=True)}
+    return {**figures, "file_bytes": file_bytes}

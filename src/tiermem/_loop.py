@@ -5,6 +5,7 @@ in memory only once its write committed."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import Counter
@@ -19,19 +20,27 @@ from . import _convert as convert
 from . import _text as text
 from ._boundary import convert as library_error
 from ._config import KVCacheConfig
-from ._errors import NotFoundError
+from ._errors import NotFoundError, TierMemError
 from ._intake import Intake
 from ._retrieval import Retriever
 from ._scoring import ImportanceScorer
-from ._sessions import Session, SessionMemory
+from ._sessions import Ident, Session, SessionMemory
 from ._statistics import CacheStatistics
 from ._store import StaleSession, Store
 from ._summaries import SummaryKeeper, SummaryOutcome
-from ._telemetry import BudgetExceededEvent, ClearEvent, RetrievalEvent, SnapshotEvent, Telemetry
+from ._telemetry import (
+    BudgetExceededEvent,
+    ClearEvent,
+    MaintenanceEvent,
+    RetrievalEvent,
+    SnapshotEvent,
+    Telemetry,
+)
 from ._types import (
     CacheClearResult,
     CacheProcessingResult,
     ClearReason,
+    MaintenanceResult,
     Message,
     RestoreResult,
     RetrievalResult,
@@ -180,6 +189,51 @@ class MemoryLoop:
             or _RETRIEVE_HINT.search(content) is not None
         )
         return content if wanted else None
+
+    async def ingest(
+        self,
+        ident: Ident,
+        checked: Sequence[Message],
+        batch_size: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> int:
+        """Store what is new of `checked` in batches, each its own transaction."""
+        memory = self._memory
+        fresh = await memory.held(ident, lambda s: self._intake.new_messages(s, checked), True)
+        for start in range(0, len(fresh), batch_size):
+            batch = fresh[start : start + batch_size]
+            await memory.held(ident, functools.partial(self.ingest_batch, batch=batch), True)
+            if progress is not None:
+                progress(start + len(batch), len(fresh))
+        return len(fresh)
+
+    async def delete(self, ident: Ident) -> bool:
+        """Remove a session and all derived from it, its background summary cancelled and
+        awaited first, under the session's lock; False if it did not exist."""
+        async with self._memory.use(ident):
+            self._memory.sessions.remove(ident)
+            try:
+                key = await self._memory.key(ident[1], ident[0])
+            except NotFoundError:
+                return False
+            await self._summaries.cancel(key)
+            await self._store.delete_session(key)
+            return True
+
+    async def maintain(self) -> MaintenanceResult:
+        """Flush and drop sessions idle past `idle_eviction_seconds`; prune old snapshots."""
+        started = time.perf_counter()
+        evicted, errors = await self._memory.evict_idle()
+        pruned = 0
+        keep = clearing.max_snapshots(self.config)
+        if keep is not None:
+            try:
+                pruned = await self._store.prune_snapshots(keep)
+            except TierMemError as exc:
+                errors.append(f"pruning snapshots: {exc}")
+        duration_ms = (time.perf_counter() - started) * 1000
+        self._telemetry.emit(MaintenanceEvent(evicted, pruned, len(errors), duration_ms))
+        return MaintenanceResult(evicted, pruned, errors, duration_ms)
 
     async def ingest_batch(self, session: Session, batch: Sequence[tuple[Message, str]]) -> None:
         state = session.state.copy()

@@ -5,41 +5,35 @@ memory loop, convert; every error is a `TierMemError` (see `_boundary`)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import psutil
 
-from . import _clearing as clearing
 from . import _convert as convert
-from ._boundary import map_errors
+from ._boundary import Calls, map_errors
 from ._config import KVCacheConfig
 from ._embedder import Embedder
 from ._errors import (
-    ConfigError,
     InvalidInputError,
     ManagerClosedError,
     NotFoundError,
-    TierMemError,
 )
-from ._intake import LARGE_INPUT_CHARS, Intake, check_text, validate
+from ._intake import Intake, check_text, validate_off_loop
 from ._loop import MemoryLoop
-from ._opening import Parts, open_parts
+from ._opening import Parts, check_changeable, open_parts
 from ._pool import ModelPool
 from ._sessions import Ident, Session, SessionMemory
-from ._store import StaleSession
 from ._summaries import SummaryKeeper
 from ._summarizer import Summarizer, TokenCounter
-from ._telemetry import Guarded, LoggingTelemetry, MaintenanceEvent, Telemetry
+from ._telemetry import Guarded, LoggingTelemetry, Telemetry
 from ._types import (
     DEFAULT_NAMESPACE,
     ActiveEntry,
@@ -65,23 +59,6 @@ INGEST_BATCH = 256
 # how many times a call starts again on a fresh copy of a session another process changed
 STALE_RETRIES = 8
 MAX_RETRIEVAL_LIMIT = 1000
-# settings read once, at open(): update_config refuses to change them
-FIXED_AT_OPEN = (
-    "embedding_model",
-    "embedding_batch_size",
-    "llm_model_path",
-    "llm_threads",
-    "summarizer_enabled",
-    "summarizer_context_tokens",
-    "summary_timeout_seconds",
-    "context_window_tokens",
-    "kv_shape",
-    "kv_cache_type",
-    "model_memory_limit_bytes",
-    "busy_timeout_ms",
-    "read_only",
-    "check_on_open",
-)
 T = TypeVar("T")
 
 
@@ -115,10 +92,8 @@ class KVCacheManager:
             parts.config,
             parts.embedder,
         )
-        self._closing = False  # no new calls
+        self._calls = Calls()
         self._closed = False  # everything flushed and closed
-        self._calls: set[anyio.CancelScope] = set()  # public calls in flight
-        self._drained = anyio.Event()  # set when closing and no call is left
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -158,17 +133,11 @@ class KVCacheManager:
         background summaries (up to `summary_close_wait_seconds`; the spans of those still
         running stay pending), flush every session under its lock, then close the database
         and the models."""
-        if self._closing:
+        if self._calls.closing:
             return
-        self._closing = True
         with anyio.CancelScope(shield=True):
             try:
-                if self._calls:
-                    with anyio.move_on_after(self._config.close_wait_seconds):
-                        await self._drained.wait()
-                    for scope in list(self._calls):
-                        scope.cancel()
-                    await self._drained.wait()
+                await self._calls.close(self._config.close_wait_seconds)
                 cancelled = await self._summaries.aclose(
                     self._config.summary_close_wait_seconds, self._stop_models
                 )
@@ -196,41 +165,15 @@ class KVCacheManager:
             )
 
     def _check_open(self) -> None:
-        if self._closing:
-            raise ManagerClosedError("this KVCacheManager is closed")
+        self._calls.check_open()
 
-    @asynccontextmanager
-    async def _call(self) -> AsyncIterator[None]:
-        """One public call: refused once closing; counted while in flight, so `aclose` can
-        wait for it (or cancel it); every error converted to a `TierMemError`."""
-        self._check_open()
-        scope = anyio.CancelScope()
-        self._calls.add(scope)
-        try:
-            with scope, map_errors():
-                yield
-        finally:
-            self._calls.discard(scope)
-            if self._closing and not self._calls:
-                self._drained.set()
-        if scope.cancelled_caught:
-            raise ManagerClosedError("the manager was closed while this call ran")
+    def _call(self) -> AbstractAsyncContextManager[None]:
+        return self._calls.enter()
 
-    async def _session(
+    def _session(
         self, ident: Ident, work: Callable[[Session], Awaitable[T]], create: bool = False
-    ) -> T:
-        """`work` on the session under its lock; when another process changed the session
-        since this one read it (nothing of this attempt was written), again on a fresh
-        copy."""
-        for attempt in range(STALE_RETRIES):
-            try:
-                async with self._memory.use(ident):
-                    return await work(await self._memory.get(ident[1], ident[0], create))
-            except StaleSession:
-                if attempt == STALE_RETRIES - 1:
-                    raise
-                await anyio.sleep(0.002 * attempt)
-        raise AssertionError("unreachable")
+    ) -> Awaitable[T]:
+        return self._memory.held(ident, work, create)
 
     def _loaded(self, session: Session) -> None:
         if self._config.summary_mode == "background":
@@ -247,9 +190,7 @@ class KVCacheManager:
         models, the KV shape, the window, storage options) cannot change: `ConfigError`."""
         self._check_open()
         new = config if config is not None else self._config.replace(**changes)
-        fixed = [n for n in FIXED_AT_OPEN if getattr(new, n) != getattr(self._config, n)]
-        if fixed:
-            raise ConfigError(f"{', '.join(fixed)} cannot change while the manager is open")
+        check_changeable(self._config, new)
         self._config = new
         self._loop.configure(new)
         return new
@@ -265,12 +206,7 @@ class KVCacheManager:
 
     def max_cache_bytes(self) -> int:
         """The KV bytes the memory threshold is measured against."""
-        if self._config.max_cache_bytes:
-            return self._config.max_cache_bytes
-        if self._parts.context_tokens:
-            return self._parts.context_tokens * self._parts.kv_shape.bytes_per_token
-        available = psutil.virtual_memory().available // 4
-        return int(min(max(available, 256 * 2**20), 8 * 2**30))
+        return self._parts.max_cache_bytes(self._config)
 
     # -- turns -----------------------------------------------------------------------------
 
@@ -287,22 +223,12 @@ class KVCacheManager:
         already stored are not stored again.
         """
         async with self._call():
-            checked = await self._validate(messages)
+            checked = await validate_off_loop(messages, self._config)
             return await self._session(
                 (namespace, session_id),
                 lambda s: self._loop.turn(s, checked),
                 create=True,
             )
-
-    async def _validate(self, messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
-        c = self._config
-        if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
-            size = sum(len(m.content) for m in messages if isinstance(m, Message))
-            if size > LARGE_INPUT_CHARS:  # encoding and checking megabytes: off the loop
-                return await anyio.to_thread.run_sync(
-                    validate, messages, c.max_message_bytes, c.max_metadata_bytes
-                )
-        return validate(messages, c.max_message_bytes, c.max_metadata_bytes)
 
     async def ingest(
         self,
@@ -320,20 +246,10 @@ class KVCacheManager:
         own; `progress(stored, new)` is called after each.
         """
         async with self._call():
-            checked = await self._validate(messages)
+            checked = await validate_off_loop(messages, self._config)
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise InvalidInputError("batch_size must be an integer of at least 1")
-            ident = (namespace, session_id)
-            fresh = await self._session(
-                ident, lambda s: self._memory.intake.new_messages(s, checked), create=True
-            )
-            for start in range(0, len(fresh), batch_size):
-                batch = fresh[start : start + batch_size]
-                work = functools.partial(self._loop.ingest_batch, batch=batch)
-                await self._session(ident, work, create=True)
-                if progress is not None:
-                    progress(start + len(batch), len(fresh))
-            return len(fresh)
+            return await self._loop.ingest((namespace, session_id), checked, batch_size, progress)
 
     async def clear_cache(
         self,
@@ -472,40 +388,22 @@ class KVCacheManager:
     async def delete_session(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
         """Remove a session and all derived from it (its background summary is cancelled
         and awaited first); False if it did not exist."""
-        async with self._call(), self._memory.use((namespace, session_id)):
-            self._sessions.remove((namespace, session_id))
-            try:
-                key = await self._memory.key(session_id, namespace)
-            except NotFoundError:
-                return False
-            await self._summaries.cancel(key)
-            await self._store.delete_session(key)
-            return True
+        async with self._call():
+            return await self._loop.delete((namespace, session_id))
 
     # -- maintenance and observability ------------------------------------------------------
 
     async def perform_maintenance(self) -> MaintenanceResult:
         """Flush and drop sessions idle past `idle_eviction_seconds`; prune old snapshots."""
         async with self._call():
-            started = time.perf_counter()
-            evicted, errors = await self._memory.evict_idle()
-            pruned = 0
-            keep = clearing.max_snapshots(self._config)
-            if keep is not None:
-                try:
-                    pruned = await self._store.prune_snapshots(keep)
-                except TierMemError as exc:
-                    errors.append(f"pruning snapshots: {exc}")
-            duration_ms = (time.perf_counter() - started) * 1000
-            self._telemetry.emit(MaintenanceEvent(evicted, pruned, len(errors), duration_ms))
-            return MaintenanceResult(evicted, pruned, errors, duration_ms)
+            return await self._loop.maintain()
 
     async def run_maintenance(self, interval_seconds: float = 300.0) -> None:
         """Run `perform_maintenance` every `interval_seconds` until cancelled or closed."""
         interval = _seconds("interval_seconds", interval_seconds)
         if interval <= 0:
             raise InvalidInputError("interval_seconds must be positive")
-        while not self._closing:
+        while not self._calls.closing:
             try:
                 await self.perform_maintenance()
             except ManagerClosedError:
@@ -521,48 +419,13 @@ class KVCacheManager:
     async def status(self) -> ManagerStatus:
         """Memory, budget and eviction figures, and the models' state."""
         async with self._call():
-            parts, memory, sessions = self._parts, self._memory, self._sessions
-            models: dict[str, Any] = {
-                **parts.pool.stats(),
-                "embedding": {
-                    "name": parts.embedder.model_name,
-                    "dimensions": parts.embedder.dimensions,
-                    "loaded": bool(getattr(parts.embedder, "loaded", True)),
-                },
-                "kv_bytes_per_token": parts.kv_shape.bytes_per_token,
-                "context_tokens": parts.context_tokens,
-                "summarizer": type(parts.summarizer).__name__ if parts.summarizer else None,
-                "summaries_pending": self._summaries.pending,
-            }
-            return ManagerStatus(
-                estimated_bytes=sessions.kv_bytes,
-                budget_bytes=self._config.max_bytes_total,
-                peak_bytes=max(memory.peak_bytes, sessions.kv_bytes),
-                session_count=len(sessions),
-                total_entries=sessions.entries,
-                evictions_by_reason=dict(memory.evictions),
-                hits=memory.hits,
-                misses=memory.misses,
-                rss_bytes=psutil.Process().memory_info().rss,
-                models=models,
-            )
+            return convert.status(self._parts, self._memory, self._summaries.pending)
 
     async def storage_status(self) -> dict[str, int]:
         """What the database holds: sessions, messages, snapshots and summaries, and the
         bytes of its files (the WAL included)."""
         async with self._call():
-            tables = ("sessions", "messages", "kv_snapshots", "session_summaries")
-            counts = await self._store.counts(tables)
-            file_bytes = 0
-            for suffix in ("", "-wal"):
-                file = anyio.Path(self._store.path + suffix)
-                if await file.exists():
-                    file_bytes += (await file.stat()).st_size
-            names = ("sessions", "messages", "snapshots", "summaries")
-            return {
-                **{n: counts[t] for n, t in zip(names, tables, strict=True)},
-                "file_bytes": file_bytes,
-            }
+            return await convert.storage_status(self._store)
 
 
 def _view(read: Callable[[Session], T]) -> Callable[[Session], Awaitable[T]]:

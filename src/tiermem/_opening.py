@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio.to_thread
+import psutil
 
 from ._config import KV_CACHE_TYPE_BYTES, KVCacheConfig, KVShape
 from ._embedder import Embedder, SentenceTransformerEmbedder
-from ._errors import ModelError
+from ._errors import ConfigError, ModelError
 from ._llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from ._pool import ModelPool
 from ._store import SQLiteStore, Store
@@ -36,6 +37,32 @@ class HeuristicTokenCounter:
         return text_[: max_tokens * 4]
 
 
+# settings read once, at open(): a manager refuses to change them
+FIXED_AT_OPEN = (
+    "embedding_model",
+    "embedding_batch_size",
+    "llm_model_path",
+    "llm_threads",
+    "summarizer_enabled",
+    "summarizer_context_tokens",
+    "summary_timeout_seconds",
+    "context_window_tokens",
+    "kv_shape",
+    "kv_cache_type",
+    "model_memory_limit_bytes",
+    "busy_timeout_ms",
+    "read_only",
+    "check_on_open",
+)
+
+
+def check_changeable(old: KVCacheConfig, new: KVCacheConfig) -> None:
+    """Refuse a live change of a setting read only at open."""
+    fixed = [n for n in FIXED_AT_OPEN if getattr(new, n) != getattr(old, n)]
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)} cannot change while the manager is open")
+
+
 @dataclass(slots=True)
 class Parts:
     """What a manager is made of."""
@@ -49,6 +76,16 @@ class Parts:
     context_tokens: int | None
     pool: ModelPool
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+
+    def max_cache_bytes(self, config: KVCacheConfig) -> int:
+        """The KV bytes the memory threshold is measured against: configured, or the
+        model's window, or (no model shape known) 25% of available RAM in [256 MB, 8 GB]."""
+        if config.max_cache_bytes:
+            return config.max_cache_bytes
+        if self.context_tokens:
+            return self.context_tokens * self.kv_shape.bytes_per_token
+        available = psutil.virtual_memory().available // 4
+        return int(min(max(available, 256 * 2**20), 8 * 2**30))
 
 
 async def open_parts(

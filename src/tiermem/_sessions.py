@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 
@@ -21,12 +22,15 @@ from ._config import KVCacheConfig
 from ._errors import InvalidInputError, NotFoundError, TierMemError
 from ._intake import Intake, check_name
 from ._locks import KeyedLocks
-from ._store import StateRow, Store, SummaryRow
+from ._store import StaleSession, StateRow, Store, SummaryRow
 from ._telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
 
 log = logging.getLogger("tiermem")
 
 Ident = tuple[str, str]  # (namespace, session id)
+T = TypeVar("T")
+# how many times a call starts again on a fresh copy of a session another process changed
+STALE_RETRIES = 8
 
 
 @dataclass(slots=True, eq=False)
@@ -149,6 +153,22 @@ class SessionMemory:
                         await self._store.delete_if_unused(session.key)
                 raise
         await self.hold_budget()
+
+    async def held(
+        self, ident: Ident, work: Callable[[Session], Awaitable[T]], create: bool = False
+    ) -> T:
+        """`work` on the session under its lock; when another process changed the session
+        since this one read it (nothing of this attempt was written), again on a fresh
+        copy."""
+        for attempt in range(STALE_RETRIES):
+            try:
+                async with self.use(ident):
+                    return await work(await self.get(ident[1], ident[0], create))
+            except StaleSession:
+                if attempt == STALE_RETRIES - 1:
+                    raise
+                await anyio.sleep(0.002 * attempt)
+        raise AssertionError("unreachable")
 
     async def get(self, session_id: str, namespace: str, create: bool) -> Session:
         """The session in memory (the caller holds its lock), checked against the database
