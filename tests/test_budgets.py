@@ -43,15 +43,15 @@ async def test_least_recently_used_sessions_leave_first(
         await mgr.process_conversation("d", turn(0))  # so a leaves, not c
         evicted = [(e.session_id, e.reason, e.bytes_freed) for e in events.of(EvictionEvent)]
         assert evicted == [
-            ("a", "session_limit", TURN_BYTES),
-            ("b", "session_limit", TURN_BYTES),
-            ("a", "session_limit", 2 * TURN_BYTES),
+            ("a", "SessionLimit", TURN_BYTES),
+            ("b", "SessionLimit", TURN_BYTES),
+            ("a", "SessionLimit", 2 * TURN_BYTES),
         ]
         exceeded = events.of(BudgetExceededEvent)
         assert [(e.scope, e.value, e.limit) for e in exceeded] == [("sessions", 3, 2)] * 3
         status = await mgr.status()
         assert status.session_count == 2
-        assert status.evictions_by_reason == {"session_limit": 3}
+        assert status.evictions_by_reason == {"SessionLimit": 3}
         assert status.misses == 1  # a, rebuilt once
         for sid, turns in (("a", 2), ("b", 1), ("c", 2), ("d", 1)):
             assert len(await mgr.get_conversation_history(sid)) == 2 * turns
@@ -72,7 +72,7 @@ async def test_an_evicted_session_comes_back_the_same(open_manager: Callable[...
         assert any(e.access_count for e in before[0])  # the retrieval engaged some
 
         await mgr.process_conversation("other", turn(0))  # keep leaves memory
-        assert (await mgr.status()).evictions_by_reason == {"session_limit": 1}
+        assert (await mgr.status()).evictions_by_reason == {"SessionLimit": 1}
         after = (
             await mgr.get_active_cache("keep"),
             await mgr.get_session_state("keep"),
@@ -115,7 +115,7 @@ async def test_total_bytes_budget_holds(open_manager: Callable[..., Any]) -> Non
         # turn's clear trims it
         assert budget < status.peak_bytes <= budget + TURN_BYTES
         assert status.budget_bytes == budget
-        assert status.evictions_by_reason["memory_budget"] > 0
+        assert status.evictions_by_reason["MemoryBudget"] > 0
         for sid in ("a", "b", "c", "d", "e"):
             assert len(await mgr.get_conversation_history(sid)) == 8
 
@@ -206,7 +206,7 @@ async def test_many_sessions_at_once_under_a_small_budget(
             for n in range(12):
                 tg.start_soon(chat, f"s{n}")
         status = await mgr.status()
-        assert status.session_count <= 3 and status.evictions_by_reason["session_limit"] >= 9
+        assert status.session_count <= 3 and status.evictions_by_reason["SessionLimit"] >= 9
         for n in range(12):
             history = await mgr.get_conversation_history(f"s{n}")
             assert [m.content for m in history] == [f"s{n} says thing {i}" for i in range(6)]
@@ -222,8 +222,8 @@ async def test_idle_sessions_leave_in_maintenance(
         await m.process_conversation("active", turn(0))
         result = await m.perform_maintenance()
         assert result.sessions_cleaned == 1
-        assert [(e.session_id, e.reason) for e in events.of(EvictionEvent)] == [("idle", "idle")]
-        assert (await m.status()).evictions_by_reason == {"idle": 1}
+        assert [(e.session_id, e.reason) for e in events.of(EvictionEvent)] == [("idle", "Idle")]
+        assert (await m.status()).evictions_by_reason == {"Idle": 1}
 
 
 async def test_status_adds_up(open_manager: Callable[..., Any]) -> None:

@@ -345,7 +345,7 @@ async def test_maintenance_evicts_idle_sessions_and_prunes(
     assert result.sessions_cleaned == 1 and result.snapshots_pruned == 4
     assert result.errors == []
     status = await manager.status()
-    assert status.session_count == 1 and status.evictions_by_reason == {"idle": 1}
+    assert status.session_count == 1 and status.evictions_by_reason == {"Idle": 1}
     state = await manager.get_session_state("s")  # comes back from the database
     assert state is not None and state.entry_count == 2
     assert len(await manager.list_snapshots("s")) == 2
@@ -411,3 +411,12 @@ async def test_update_config_refuses_settings_fixed_at_open(
         manager.update_config(**change)
     assert manager.config == before
     assert manager.update_config(clear_after_conversations=5).clear_after_conversations == 5
+
+
+async def test_hits_say_their_tier_and_relevance(manager: tiermem.KVCacheManager) -> None:
+    await manager.process_conversation("s", turn(0, "the vault code is 1433"))
+    result = await manager.process_conversation("s", turn(1, "what is the vault code?"))
+    assert result.retrieved and not result.cleared
+    hit = (await manager.retrieve_context("s", "vault code")).entries[0]
+    assert hit.source_tier is tiermem.Tier.ACTIVE_CACHE and hit.source_tier == 1
+    assert hit.relevance == hit.similarity_score and 0 < hit.relevance <= 1

@@ -64,6 +64,7 @@ from ._types import (
     CacheProcessingResult,
     CacheStatisticsExport,
     ClearReason,
+    EvictionReason,
     MaintenanceResult,
     ManagerStatus,
     Message,
@@ -77,6 +78,7 @@ from ._types import (
     SessionSummary,
     SnapshotInfo,
     StoredMessage,
+    Tier,
 )
 
 __version__ = "0.1.0"
@@ -96,6 +98,7 @@ __all__ = [
     "Embedder",
     "EmbeddingMismatchError",
     "EvictionEvent",
+    "EvictionReason",
     "FullSnapshots",
     "IncrementalSnapshots",
     "InvalidInputError",
@@ -151,6 +154,7 @@ __all__ = [
     "SummaryText",
     "Telemetry",
     "TelemetryEvent",
+    "Tier",
     "TierMemError",
     "TokenCounter",
     "TranscriptLine",

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from ._cache import ActiveCache, CacheEntry
 from ._config import KVCacheConfig
+from ._types import EvictionReason
 
 # eviction reasons (the keys of `status().evictions_by_reason`)
-MEMORY = "memory_budget"
-SESSIONS = "session_limit"
-IDLE = "idle"
+MEMORY = EvictionReason.MEMORY_BUDGET
+SESSIONS = EvictionReason.SESSION_LIMIT
+IDLE = EvictionReason.IDLE
 
 
 @dataclass(frozen=True, slots=True)

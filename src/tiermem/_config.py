@@ -182,11 +182,19 @@ class KVCacheConfig(_Model):
     @model_validator(mode="before")
     @classmethod
     def _seed_names(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_cache_entries" in data:
-            data = dict(data)
-            value = data.pop("max_cache_entries")
-            data.setdefault("max_entries_per_session", value)
+        for alias, name in (
+            ("max_cache_entries", "max_entries_per_session"),
+            ("memory_threshold_fraction", "memory_threshold_percent"),
+        ):
+            if isinstance(data, dict) and alias in data:
+                data = dict(data)
+                data.setdefault(name, data.pop(alias))
         return data
+
+    @property
+    def memory_threshold_fraction(self) -> float:
+        """`memory_threshold_percent` says what it is: a fraction of the bytes (0.6)."""
+        return self.memory_threshold_percent
 
     @property
     def max_cache_entries(self) -> int:

@@ -25,6 +25,7 @@ from ._types import (
     SessionSummary,
     SnapshotInfo,
     StoredMessage,
+    Tier,
     timestamp_to_datetime,
 )
 
@@ -103,7 +104,7 @@ def hit(candidate: Candidate, keywords: Sequence[str]) -> RetrievedEntry:
     return RetrievedEntry(
         text=row.content,
         similarity_score=round(candidate.score, 6),
-        source_tier=candidate.tier,
+        source_tier=Tier(candidate.tier),
         message_ids=[r.message_id for r in (row, *candidate.same_text)],
         matched_keywords=text.matched_keywords(row.content, keywords),
         role=row.role,

@@ -337,7 +337,7 @@ class MemoryLoop:
             len(hits), outcome.tiers_searched, len(outcome.keywords), session.session_id
         )
         duration_ms = (time.perf_counter() - started) * 1000
-        by_tier = Counter(h.source_tier for h in hits)
+        by_tier = Counter(int(h.source_tier) for h in hits)
         self._telemetry.emit(
             RetrievalEvent(
                 session.session_id,
