@@ -8,14 +8,11 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import numpy as np
-import pytest
 
 import tiermem
 from tests.conftest import SHAPE
 from tests.fakes import HashingEmbedder
 from tiermem import Message
-
-pytestmark = pytest.mark.anyio
 
 CONFIG = tiermem.KVCacheConfig(
     kv_shape=SHAPE,

@@ -15,8 +15,6 @@ from tests.fakes import HashingEmbedder
 from tiermem import Message
 from tiermem._store import NewMessage, SQLiteStore, StateRow, _bits, _raw_connect
 
-pytestmark = pytest.mark.anyio
-
 
 def _token(seed: int) -> str:
     rnd = random.Random(seed)

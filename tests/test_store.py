@@ -9,8 +9,6 @@ from tiermem import EmbeddingMismatchError, StorageError
 from tiermem import _migrate as migrate
 from tiermem._store import NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, _bits, _raw_connect
 
-pytestmark = pytest.mark.anyio
-
 
 async def test_blank_database_is_migrated_and_recorded(db_path: Path) -> None:
     store = await SQLiteStore.open(db_path, "m", 8)
