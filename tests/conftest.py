@@ -12,11 +12,6 @@ from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
 SHAPE = tiermem.KVShape(n_layers=2, n_kv_heads=2, head_dim=8, dtype_bytes=2)  # 128 B/token
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Clock:
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self.now = start

@@ -16,8 +16,6 @@ from tests.fakes import HashingEmbedder
 from tests.test_manager import turn
 from tiermem import Message
 
-pytestmark = pytest.mark.anyio
-
 
 async def test_empty_and_whitespace_messages_are_stored_and_not_searched_for(
     manager: tiermem.KVCacheManager,

@@ -20,8 +20,6 @@ from tiermem import (
 )
 from tiermem._sessions import Sessions
 
-pytestmark = pytest.mark.anyio
-
 TURN_BYTES = 11 * 128  # a `turn(i)`: 7 + 4 words, 128 B per token
 
 

@@ -14,8 +14,6 @@ import tiermem
 from tests.conftest import SHAPE
 from tiermem import Message
 
-pytestmark = pytest.mark.anyio
-
 
 @pytest.mark.slow
 async def test_200_sessions_at_once_keep_order_and_their_own_data(

@@ -4,13 +4,9 @@ overflow it does (clear with summary, or a sliding window)."""
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 import tiermem
 from tests.conftest import SHAPE
 from tests.test_manager import SYSTEM, turn
-
-pytestmark = pytest.mark.anyio
 
 # the test tokenizer counts words: a turn of `turn(i)` is 11 tokens, the system prompt 9
 WINDOW = tiermem.KVCacheConfig(

@@ -367,7 +367,6 @@ def test_a_body_over_the_limit_is_413(tmp_path: Path) -> None:
         assert_reason(client.post("/chat", content=padded(2**20 + 1)), 413)
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("declared", [False, True], ids=["chunked", "content-length"])
 async def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(
     tmp_path: Path, declared: bool

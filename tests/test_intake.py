@@ -19,8 +19,6 @@ from tests.conftest import SHAPE, Clock
 from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
 from tiermem import KVCacheConfig, Message
 
-pytestmark = pytest.mark.anyio
-
 # no clear gets in the way: these tests are about what is stored
 CONFIG = KVCacheConfig(
     kv_shape=SHAPE,

@@ -12,8 +12,6 @@ from tiermem import ClearReason, KVCacheConfig, Message
 
 SYSTEM = Message("system", "You are a helpful assistant for Ana's trip.", id="sys")
 
-pytestmark = pytest.mark.anyio
-
 
 def turn(i: int, user: str | None = None, assistant: str | None = None) -> list[Message]:
     return [

@@ -9,8 +9,6 @@ import pytest
 from tiermem import BudgetError, ModelError
 from tiermem._pool import ModelPool
 
-pytestmark = pytest.mark.anyio
-
 
 class Loader:
     """Counts loads and closes of a stand-in model."""

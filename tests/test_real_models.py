@@ -11,7 +11,7 @@ from tests.fakes import HashingEmbedder
 from tiermem import KVCacheConfig, Message
 from tiermem._llm import bundled_gguf_path, load_llama
 
-pytestmark = [pytest.mark.anyio, pytest.mark.real_models]
+pytestmark = pytest.mark.real_models
 
 FACTS = [
     "Hi! My name is Ana Ribeiro and I'm planning a trip to Lisbon in March.",

@@ -14,8 +14,6 @@ from tests.fakes import HashingEmbedder
 from tiermem import KVCacheConfig, Message
 from tiermem._query import analyse, time_window
 
-pytestmark = pytest.mark.anyio
-
 NOW = datetime(2025, 8, 20, 12, tzinfo=UTC)
 
 

@@ -18,8 +18,6 @@ from tests.conftest import SHAPE
 from tests.fakes import GatedSummarizer, HashingEmbedder, RecordingSummarizer, WordCounter
 from tiermem import Message
 
-pytestmark = pytest.mark.anyio
-
 
 class GatedEmbedder(HashingEmbedder):
     """Embeds once `gate` is set; `entered` is set when a call starts waiting."""

@@ -16,8 +16,6 @@ from tiermem import Message, NewMessage, SQLiteStore, StateRow
 from tiermem._store._connection import raw_connect
 from tiermem._store._vectors import bits
 
-pytestmark = pytest.mark.anyio
-
 
 def _token(seed: int) -> str:
     rnd = random.Random(seed)

@@ -39,8 +39,6 @@ from tiermem._store._connection import raw_connect
 from tiermem._store._steps import Parameters
 from tiermem._store._vectors import bits
 
-pytestmark = pytest.mark.anyio
-
 DIMS = 8
 PARAMS = Parameters("m", DIMS)
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,14 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
 
 import tiermem
 from tests.conftest import SHAPE
 from tests.fakes import GatedSummarizer, RecordingSummarizer
 from tests.test_manager import run_turns
-
-pytestmark = pytest.mark.anyio
 
 BACKGROUND = tiermem.KVCacheConfig(
     kv_shape=SHAPE, context_window_tokens=4096, summary_mode="background"

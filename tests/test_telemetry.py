@@ -16,8 +16,6 @@ from tests.fakes import RecordingTelemetry
 from tests.test_manager import run_turns, turn
 from tiermem import JsonFormatter, LoggingTelemetry, OpenTelemetryMetrics
 
-pytestmark = pytest.mark.anyio
-
 CONFIG = tiermem.KVCacheConfig(
     kv_shape=SHAPE,
     context_window_tokens=4096,

@@ -1,0 +1,73 @@
+"""What a tiermem file holds, read by the tests' own read-only SQLite connection (with
+sqlite-vec loaded for the vector index): counts and integrity checks that must not go
+through the library they check."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pysqlite3.dbapi2 as sqlite3
+import sqlite_vec
+
+
+@contextlib.contextmanager
+def reading(path: Path | str) -> Iterator[Any]:
+    """A read-only connection to the file at `path`, closed on exit."""
+    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=30)
+    try:
+        conn.enable_load_extension(True)
+        sqlite_vec.load(conn)
+        conn.enable_load_extension(False)
+        yield conn
+    finally:
+        conn.close()
+
+
+def counts(path: Path | str) -> dict[str, int]:
+    """Rows of each table, the full-text index's own rows (`messages_fts_docsize`, one per
+    indexed message; a COUNT of `messages_fts` reads its content table, `messages`) and the
+    vector index's."""
+    tables = {
+        "sessions": "sessions",
+        "messages": "messages",
+        "fts_rows": "messages_fts_docsize",
+        "message_embeddings": "message_embeddings",
+        "message_index": "message_index",
+        "kv_snapshots": "kv_snapshots",
+        "kv_snapshot_entries": "kv_snapshot_entries",
+        "session_summaries": "session_summaries",
+    }
+    with reading(path) as conn:
+        return {
+            name: int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+            for name, table in tables.items()
+        }
+
+
+def half_snapshots(path: Path | str) -> list[int]:
+    """Snapshots whose entries are not all there (the count they declare differs)."""
+    with reading(path) as conn:
+        rows = conn.execute(
+            "SELECT s.id FROM kv_snapshots s WHERE s.entry_count != "
+            "(SELECT COUNT(*) FROM kv_snapshot_entries e WHERE e.snapshot_id = s.id)"
+        ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def assert_whole(path: Path | str, *, embedded: bool = True) -> dict[str, int]:
+    """SQLite's integrity check passes, every message is indexed for full-text search once
+    (and, if `embedded`, has one vector, in the table and in the index), and no snapshot
+    is half written. Returns the counts."""
+    with reading(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    n = counts(path)
+    assert n["fts_rows"] == n["messages"], n
+    if embedded:
+        assert n["message_embeddings"] == n["message_index"] == n["messages"], n
+    else:
+        assert n["message_embeddings"] == n["message_index"], n
+    assert half_snapshots(path) == []
+    return n
