@@ -35,6 +35,12 @@ class _Model(BaseModel):
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from exc
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:  # frozen: change a copy (`replace`) instead
+            raise ConfigError(_describe(exc)) from exc
+
 
 class NoSnapshots(_Model):
     """Never snapshot preserved entries."""

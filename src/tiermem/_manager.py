@@ -158,6 +158,8 @@ class KVCacheManager:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
+            self._closed = True
+            self._store.abandon()  # its threads would keep the process from exiting
             warnings.warn(
                 "KVCacheManager was not closed; use `async with` or `await aclose()`",
                 ResourceWarning,

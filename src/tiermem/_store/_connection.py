@@ -170,6 +170,13 @@ class Database:
             await self._reader.close()
             await self._writer.close()
 
+    def abandon(self) -> None:
+        """Stop the connections' threads without waiting (a store never closed, being
+        collected): their threads would otherwise keep the process from exiting."""
+        for conn in (self._vector_reader, self._reader, self._writer):
+            with contextlib.suppress(Exception):
+                conn.stop()
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction; rolled back (shielded from cancellation) on any error."""

@@ -55,6 +55,10 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    def abandon(self) -> None:
+        """Release what an unclosed store holds, without waiting (at garbage collection)."""
+        ...
+
     # -- sessions and their state ----------------------------------------------------------
 
     async def session_key(self, namespace: str, session_id: str) -> int | None: ...
