@@ -87,8 +87,11 @@ async def test_queries_with_fts_syntax_are_plain_text(
     manager: tiermem.KVCacheManager, query: str
 ) -> None:
     await manager.process_conversation("s", turn(0, "DROP TABLE messages is scary content"))
-    result = await manager.retrieve_context("s", query)
-    assert isinstance(result.entries, list)
+    await manager.retrieve_context("s", query)  # no error
+    # the syntax around a word does not change what the word finds
+    result = await manager.retrieve_context("s", f"{query} scary")
+    assert "DROP TABLE messages is scary content" in [e.text for e in result.entries]
+    assert "scary" in result.keywords_used
     assert len(await manager.get_conversation_history("s")) == 2
 
 
@@ -192,8 +195,9 @@ async def test_a_read_only_database_file_serves_reads_and_is_kept(
     try:
         async with await open_manager() as mgr:
             assert [s.session_id for s in await mgr.list_sessions()] == ["s"]
-            assert await mgr.get_conversation_history("s")
-            await mgr.retrieve_context("s", "what did we plan?")
+            assert [m.id for m in await mgr.get_conversation_history("s")] == ["u0", "a0"]
+            hits = await mgr.retrieve_context("s", "what about the weather?")
+            assert "small talk number 0 about the weather" in [e.text for e in hits.entries]
             with pytest.raises(tiermem.StorageError, match="read-only"):
                 await mgr.process_conversation("s", turn(1))
     finally:

@@ -383,7 +383,8 @@ async def test_a_locked_database_is_a_storage_error(
             with pytest.raises(tiermem.StorageError):
                 await mgr.process_conversation("s", [Message("user", "second", id="m1")])
             # reads go on beside the writer
-            assert (await mgr.get_session_state("s")) is not None
+            state = await mgr.get_session_state("s")
+            assert state is not None and state.message_count == 1
         finally:
             other.rollback()
             other.close()
@@ -415,9 +416,10 @@ async def test_a_read_only_database_still_serves_reads(
     async with await open_manager(config=config(read_only=True)) as mgr:
         assert [s.session_id for s in await mgr.list_sessions()] == ["s"]
         assert (await mgr.retrieve_context("s", "where is the harbour?")).entries
-        assert await mgr.get_session_state("s") is not None
+        state = await mgr.get_session_state("s")
+        assert state is not None and state.message_count == 1
         assert [m.id for m in await mgr.get_conversation_history("s")] == ["m0"]
-        await mgr.status()
+        assert (await mgr.storage_status())["messages"] == 1
         await mgr.storage_status()
         with pytest.raises(tiermem.StorageError):
             await mgr.process_conversation("s", [Message("user", "more", id="m1")])
