@@ -99,6 +99,11 @@ def start(folder: Path, worker: int) -> subprocess.Popen[bytes]:
         )
 
 
+def close_stdin(worker: subprocess.Popen[bytes]) -> None:
+    assert worker.stdin is not None
+    worker.stdin.close()
+
+
 async def file_view(folder: Path) -> dict[str, list[object]]:
     async with await tiermem.KVCacheManager.open(
         folder / "shared.db",
@@ -137,14 +142,15 @@ def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
             victim = rng.choice(unfinished)
             workers[victim].send_signal(signal.SIGKILL)
             workers[victim].wait()
+            close_stdin(workers[victim])
             kills += 1
             workers[victim] = start(tmp_path, victim)
         if not released and all((tmp_path / f"done-{w}").exists() for w in range(WORKERS)):
             for p in workers.values():  # every worker is done: all may read the file now
-                assert p.stdin is not None
-                p.stdin.close()
+                close_stdin(p)
             released = True
     for w, p in workers.items():
+        close_stdin(p)
         p.wait(timeout=120)
         err = (tmp_path / f"stderr-{w}").read_text()
         assert p.returncode == 0, f"worker {w} failed:\n{err[-3000:]}"
