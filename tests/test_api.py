@@ -101,3 +101,11 @@ def _parts(hint: object) -> list[Any]:
     for arg in typing.get_args(hint):
         out += _parts(arg)
     return out
+
+
+def test_descriptive_names_stand_beside_the_contract_names() -> None:
+    config = tiermem.KVCacheConfig(memory_threshold_fraction=0.4, max_cache_entries=9)
+    assert config.memory_threshold_percent == config.memory_threshold_fraction == 0.4
+    assert config.max_entries_per_session == config.max_cache_entries == 9
+    assert tiermem.Tier.HISTORY == 3 and tiermem.EvictionReason.IDLE == "Idle"
+    assert tiermem.ClearReason.MANUAL == "Manual"  # one style: CamelCase values

@@ -41,15 +41,15 @@ async def test_least_recently_used_sessions_leave_first(
         await mgr.process_conversation("d", turn(0))  # so a leaves, not c
         evicted = [(e.session_id, e.reason, e.bytes_freed) for e in events.of(EvictionEvent)]
         assert evicted == [
-            ("a", "session_limit", TURN_BYTES),
-            ("b", "session_limit", TURN_BYTES),
-            ("a", "session_limit", 2 * TURN_BYTES),
+            ("a", "SessionLimit", TURN_BYTES),
+            ("b", "SessionLimit", TURN_BYTES),
+            ("a", "SessionLimit", 2 * TURN_BYTES),
         ]
         exceeded = events.of(BudgetExceededEvent)
         assert [(e.scope, e.value, e.limit) for e in exceeded] == [("sessions", 3, 2)] * 3
         status = await mgr.status()
         assert status.session_count == 2
-        assert status.evictions_by_reason == {"session_limit": 3}
+        assert status.evictions_by_reason == {"SessionLimit": 3}
         assert status.misses == 1  # a, rebuilt once
         for sid, turns in (("a", 2), ("b", 1), ("c", 2), ("d", 1)):
             assert len(await mgr.get_conversation_history(sid)) == 2 * turns
@@ -70,7 +70,7 @@ async def test_an_evicted_session_comes_back_the_same(open_manager: Callable[...
         assert any(e.access_count for e in before[0])  # the retrieval engaged some
 
         await mgr.process_conversation("other", turn(0))  # keep leaves memory
-        assert (await mgr.status()).evictions_by_reason == {"session_limit": 1}
+        assert (await mgr.status()).evictions_by_reason == {"SessionLimit": 1}
         after = (
             await mgr.get_active_cache("keep"),
             await mgr.get_session_state("keep"),
@@ -113,7 +113,7 @@ async def test_total_bytes_budget_holds(open_manager: Callable[..., Any]) -> Non
         # turn's clear trims it
         assert budget < status.peak_bytes <= budget + TURN_BYTES
         assert status.budget_bytes == budget
-        assert status.evictions_by_reason["memory_budget"] > 0
+        assert status.evictions_by_reason["MemoryBudget"] > 0
         for sid in ("a", "b", "c", "d", "e"):
             assert len(await mgr.get_conversation_history(sid)) == 8
 
@@ -204,7 +204,7 @@ async def test_many_sessions_at_once_under_a_small_budget(
             for n in range(12):
                 tg.start_soon(chat, f"s{n}")
         status = await mgr.status()
-        assert status.session_count <= 3 and status.evictions_by_reason["session_limit"] >= 9
+        assert status.session_count <= 3 and status.evictions_by_reason["SessionLimit"] >= 9
         for n in range(12):
             history = await mgr.get_conversation_history(f"s{n}")
             assert [m.content for m in history] == [f"s{n} says thing {i}" for i in range(6)]
@@ -220,8 +220,8 @@ async def test_idle_sessions_leave_in_maintenance(
         await m.process_conversation("active", turn(0))
         result = await m.perform_maintenance()
         assert result.sessions_cleaned == 1
-        assert [(e.session_id, e.reason) for e in events.of(EvictionEvent)] == [("idle", "idle")]
-        assert (await m.status()).evictions_by_reason == {"idle": 1}
+        assert [(e.session_id, e.reason) for e in events.of(EvictionEvent)] == [("idle", "Idle")]
+        assert (await m.status()).evictions_by_reason == {"Idle": 1}
 
 
 async def test_status_adds_up(open_manager: Callable[..., Any]) -> None:
@@ -268,3 +268,21 @@ async def test_session_locks_exist_only_while_used() -> None:
         assert locks.busy(ident) and order == ["first", "second"]
         second.set()
     assert not locks.busy(ident)
+
+
+async def test_status_totals_follow_every_change_of_every_session(
+    open_manager: Callable[..., Any],
+) -> None:
+    """The manager-wide figures are running sums: after turns, clears, restores,
+    evictions and deletes they equal the sum over the sessions' own figures."""
+    async with await open_manager() as mgr:
+        for i in range(12):
+            sid = f"s{i % 4}"
+            await mgr.process_conversation(sid, [Message("user", f"note {i} " * (i + 1))])
+            if i % 5 == 4:
+                await mgr.manual_clear_cache(sid)
+        await mgr.delete_session("s1")
+        status = await mgr.status()
+        states = [await mgr.get_session_state(f"s{i}") for i in (0, 2, 3)]
+        assert status.estimated_bytes == sum(s.cache_size_bytes for s in states if s)
+        assert status.total_entries == sum(s.entry_count for s in states if s)

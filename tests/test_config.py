@@ -15,10 +15,10 @@ def test_defaults_port_the_seed() -> None:
     assert c.min_importance_to_preserve == 0.7
     assert c.preserve_system_prompts and c.preserve_code_entries
     assert c.retrieval_enabled and c.bridge_enabled and c.generate_cache_embeddings
-    assert c.snapshot_strategy == tiermem.IncrementalSnapshots(
-        interval_conversations=4, max_snapshots=4
-    )
-    assert c.max_entries_per_session == 10_000
+    assert c.snapshot_strategy == tiermem.IncrementalSnapshots(max_snapshots=4)
+    # one setting under both names: the seed's max_cache_entries is max_entries_per_session
+    assert c.max_entries_per_session == 1000
+    assert KVCacheConfig(max_cache_entries=50).max_entries_per_session == 50
 
 
 @pytest.mark.parametrize(
@@ -78,9 +78,14 @@ def test_from_env_reads_prefixed_variables() -> None:
     assert isinstance(c.snapshot_strategy, tiermem.FullSnapshots)
 
 
-def test_from_env_rejects_unknown_and_invalid() -> None:
-    with pytest.raises(ConfigError, match="TIERMEM_CLEAR_AFTER"):
-        KVCacheConfig.from_env({"TIERMEM_CLEAR_AFTER": "3"})
+def test_from_env_warns_of_unknown_names_and_rejects_invalid_values(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="tiermem"):
+        c = KVCacheConfig.from_env({"TIERMEM_CLEAR_AFTER": "3", "TIERMEM_TEST_URL": "x"})
+    assert c == KVCacheConfig()
+    assert "did you mean TIERMEM_CLEAR_AFTER_CONVERSATIONS?" in caplog.text
+    assert "TIERMEM_TEST_URL" in caplog.text
     with pytest.raises(ConfigError):
         KVCacheConfig.from_env({"TIERMEM_CLEAR_AFTER_CONVERSATIONS": "many"})
 
@@ -107,3 +112,18 @@ def test_replace_validates() -> None:
     assert c.clear_after_conversations == 3
     with pytest.raises(ConfigError):
         c.replace(clear_after_conversations=-1)
+
+
+def test_retrieval_candidates_are_capped_where_the_index_caps_them() -> None:
+    assert KVCacheConfig(retrieval_candidates=1024).retrieval_candidates == 1024
+    with pytest.raises(ConfigError):
+        KVCacheConfig(retrieval_candidates=5000)
+
+
+def test_interval_conversations_of_old_configs_is_accepted_and_has_no_effect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="tiermem"):
+        c = KVCacheConfig(snapshot_strategy={"kind": "full", "interval_conversations": 2})
+    assert c.snapshot_strategy == tiermem.FullSnapshots()
+    assert "no effect" in caplog.text

@@ -348,7 +348,7 @@ async def test_maintenance_evicts_idle_sessions_and_prunes(
     assert result.sessions_cleaned == 1 and result.snapshots_pruned == 4
     assert result.errors == []
     status = await manager.status()
-    assert status.session_count == 1 and status.evictions_by_reason == {"idle": 1}
+    assert status.session_count == 1 and status.evictions_by_reason == {"Idle": 1}
     state = await manager.get_session_state("s")  # comes back from the database
     assert state is not None and state.entry_count == 2
     assert len(await manager.list_snapshots("s")) == 2
@@ -380,3 +380,46 @@ async def test_statistics_track_operations(manager: tiermem.KVCacheManager) -> N
     assert kinds == ["Clear", "Snapshot", "Retrieve"]
     manager.reset_statistics()
     assert manager.export_statistics().total_clears == 0
+
+
+async def test_full_snapshots_are_pruned_to_max_snapshots(manager: tiermem.KVCacheManager) -> None:
+    manager.update_config(snapshot_strategy={"kind": "full", "max_snapshots": 3})
+    code = "```js\nconst x = 1;\n```"
+    await manager.process_conversation("s", [SYSTEM, *turn(0, "code please", code)])
+    for _ in range(5):
+        await manager.manual_clear_cache("s")
+    assert len(await manager.list_snapshots("s")) == 5
+    assert (await manager.perform_maintenance()).snapshots_pruned == 2
+    assert len(await manager.list_snapshots("s")) == 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"embedding_model": "other"},
+        {"context_window_tokens": 128},
+        {"kv_shape": {"n_layers": 1, "n_kv_heads": 1, "head_dim": 8, "dtype_bytes": 2}},
+        {"model_memory_limit_bytes": 10**9},
+        {"summary_timeout_seconds": 5},
+        {"embedding_batch_size": 8},
+        {"busy_timeout_ms": 1},
+        {"read_only": True},
+    ],
+)
+async def test_update_config_refuses_settings_fixed_at_open(
+    manager: tiermem.KVCacheManager, change: dict[str, Any]
+) -> None:
+    before = manager.config
+    with pytest.raises(tiermem.ConfigError, match="cannot change"):
+        manager.update_config(**change)
+    assert manager.config == before
+    assert manager.update_config(clear_after_conversations=5).clear_after_conversations == 5
+
+
+async def test_hits_say_their_tier_and_relevance(manager: tiermem.KVCacheManager) -> None:
+    await manager.process_conversation("s", turn(0, "the vault code is 1433"))
+    result = await manager.process_conversation("s", turn(1, "what is the vault code?"))
+    assert result.retrieved and not result.cleared
+    hit = (await manager.retrieve_context("s", "vault code")).entries[0]
+    assert hit.source_tier is tiermem.Tier.ACTIVE_CACHE and hit.source_tier == 1
+    assert hit.relevance == hit.similarity_score and 0 < hit.relevance <= 1

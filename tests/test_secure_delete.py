@@ -12,8 +12,9 @@ import pytest
 
 import tiermem
 from tests.fakes import HashingEmbedder
-from tiermem import Message
-from tiermem._store import NewMessage, SQLiteStore, StateRow, _bits, _raw_connect
+from tiermem import Message, NewMessage, SQLiteStore, StateRow
+from tiermem._store._connection import raw_connect
+from tiermem._store._vectors import bits
 
 
 def _token(seed: int) -> str:
@@ -71,7 +72,7 @@ async def test_a_deleted_sessions_words_and_vectors_leave_the_files(
             # the full-text index keeps the stem (no other term shares a prefix with it)
             "its stem": secret[:12].encode(),
             **{f"float vector {i}": v.astype(np.float32).tobytes() for i, v in enumerate(vectors)},
-            **{f"sign bits {i}": _bits(v) for i, v in enumerate(vectors)},
+            **{f"sign bits {i}": bits(v) for i, v in enumerate(vectors)},
         }
         # there before, so the check can see them (but the few sign bits that straddle two
         # overflow pages of a vec0 chunk, which no byte search finds)
@@ -118,7 +119,7 @@ async def test_a_reader_holding_the_wal_delays_the_purge_but_not_the_delete(
                 None,
                 StateRow(),
             )
-        reader = _raw_connect(str(db_path), 100)
+        reader = raw_connect(str(db_path), 100)
         try:
             reader.execute("BEGIN")
             reader.execute("SELECT COUNT(*) FROM messages").fetchone()

@@ -1,23 +1,408 @@
+"""The store. The first part runs on every backend through the `store` fixture and uses only
+`Store` protocol methods, so another backend proves itself on the same tests; the second is
+SQLite's own (its migrations, old files, the file's size, the wheel that carries the
+migrations); the last checks through the public API that a snapshot's age is measured on
+the manager's clock."""
+
+from __future__ import annotations
+
+import json
+import os
 import sqlite3 as stdlib_sqlite3
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tiermem import EmbeddingMismatchError, StorageError
-from tiermem import _migrate as migrate
-from tiermem._store import NewMessage, SnapshotEntryRow, SQLiteStore, StateRow, _bits, _raw_connect
+import tiermem
+from tests.conftest import Clock
+from tiermem import (
+    EmbeddingMismatchError,
+    NewMessage,
+    SnapshotEntryRow,
+    SQLiteStore,
+    StaleSession,
+    StateRow,
+    StorageError,
+    Store,
+)
+from tiermem._store import _migrate as migrate
+from tiermem._store._connection import raw_connect
+from tiermem._store._steps import Parameters
+from tiermem._store._vectors import bits
+
+DIMS = 8
+PARAMS = Parameters("m", DIMS)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the backends ------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    open: Callable[[], Awaitable[Store]]  # opens the same database again each call
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, db_path: Path, clock: Clock) -> Backend:
+    """Every backend, on a database of its own (a PostgreSQL store joins here)."""
+    if request.param == "sqlite":
+        return Backend("sqlite", lambda: SQLiteStore.open(db_path, "m", DIMS, clock=clock))
+    raise AssertionError(request.param)
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    opened = await backend.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def add(
+    store: Store,
+    key: int,
+    texts: Sequence[str],
+    vectors: np.ndarray[Any, Any] | None = None,
+    times: Sequence[float] | None = None,
+) -> list[int]:
+    """Append messages after the session's last, with its state (as a turn does)."""
+    state = await store.load_state(key)
+    first = state.message_count
+    rows = [
+        NewMessage(
+            first + i,
+            f"m{first + i}",
+            "user",
+            t,
+            f"hash of {t}",
+            None,
+            times[i] if times else 0.0,
+            len(t.split()),
+        )
+        for i, t in enumerate(texts)
+    ]
+    state.message_count += len(texts)
+    return await store.append_messages(key, rows, vectors, state)
+
+
+def exact_distances(vectors: np.ndarray[Any, Any], query: np.ndarray[Any, Any]) -> Any:
+    return 1 - (vectors @ query) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query)
+
+
+# -- the protocol, on every backend ------------------------------------------------------
+
+
+async def test_a_session_is_created_once_and_found_by_its_names(store: Store) -> None:
+    assert await store.session_key("ns", "s") is None
+    key = await store.create_session("ns", "s")
+    assert await store.create_session("ns", "s") == key
+    assert await store.session_key("ns", "s") == key
+    other = await store.create_session("other", "s")
+    assert other != key
+    state = await store.load_state(key)
+    assert (state.message_count, state.cleared_through, state.pinned) == (0, -1, [])
+
+
+async def test_messages_come_back_by_id_position_range_and_time(store: Store) -> None:
+    key = await store.create_session("ns", "s")
+    texts = [f"message number {i}" for i in range(6)]
+    rowids = await add(store, key, texts, times=[100.0 + i for i in range(6)])
+    assert rowids == sorted(rowids) and len(set(rowids)) == 6
+
+    between = await store.messages_between(key, 1, 3)
+    assert [(r.position, r.content, r.rowid) for r in between] == [
+        (2, texts[2], rowids[2]),
+        (3, texts[3], rowids[3]),
+    ]
+    assert [r.position for r in await store.messages_between(key, -1)] == list(range(6))
+    assert [r.position for r in await store.messages_at(key, [5, 0, 9, -1])] == [0, 5]
+    by_id = await store.messages_by_rowid([rowids[4], rowids[1]])
+    assert [r.message_id for r in by_id] == ["m1", "m4"]
+    assert by_id[0].created_at == 101.0 and by_id[0].token_count == 3
+
+    keys = await store.message_keys(key, 2, newest_first=True)
+    assert [(k.position, k.message_id) for k in keys] == [(4, "m4"), (5, "m5")]
+    assert [k.position for k in await store.message_keys(key, 2)] == [0, 1]
+    like = await store.message_keys(key, like=(["hash of message number 3"], ["m1"]))
+    assert [k.message_id for k in like] == ["m1", "m3"]
+    assert await store.existing_ids(key, ["m2", "nope"]) == {"m2": "hash of message number 2"}
+
+    assert await store.latest_time(key) == 105.0
+    assert await store.rowids_between_times(key, 101.0, 104.0, 10) == rowids[3:0:-1]
+    assert await store.rowids_between_times(key, 101.0, 104.0, 2) == rowids[3:1:-1]
+    empty = await store.create_session("ns", "empty")
+    assert await store.latest_time(empty) is None
+    assert await store.messages_between(empty, -1) == []
+
+
+async def test_a_write_over_a_stale_version_is_refused_and_changes_nothing(
+    store: Store,
+) -> None:
+    key = await store.create_session("ns", "s")
+    stale = await store.load_state(key)
+    fresh = stale.copy()
+    fresh.conversation_count = 3
+    await store.save_state(key, fresh)
+    assert fresh.version == stale.version + 1
+    current = await store.session_version(key)
+    assert current is not None and current.version == fresh.version
+
+    with pytest.raises(StaleSession):
+        await store.save_state(key, stale.copy())
+    with pytest.raises(StaleSession):
+        await store.append_messages(
+            key, [NewMessage(0, "m0", "user", "lost", "h", None, 0.0, 1)], None, stale.copy()
+        )
+    with pytest.raises(StaleSession):
+        await store.save_clear(key, stale.copy(), None)
+    assert await store.messages_between(key, -1) == []
+    assert (await store.load_state(key)).conversation_count == 3
+
+    # soft figures land only over the version they were read at
+    assert await store.save_entry_stats(key, stale.version, {"1": [1, 0.5]}) is False
+    assert await store.save_entry_stats(key, fresh.version, {"1": [2, 0.5]}) is True
+    assert (await store.load_state(key)).entry_stats == {"1": [2, 0.5]}
+    assert (await store.session_version(key)) == current
+
+
+async def test_lexical_search_stays_in_its_session_and_skips_a_word_in_most_messages(
+    store: Store,
+) -> None:
+    """A word in most messages has no bm25 weight: leaving it out changes no ranking."""
+    key = await store.create_session("ns", "s")
+    other = await store.create_session("ns", "other")
+    contents = [f"hello there number {i}" for i in range(9)] + ["hello zebra"]
+    rowids = await add(store, key, contents)
+    await add(store, other, ["hello zebra", "zebra zebra"])
+    both = await store.lexical_search(["hello", "zebra"], key, 20)
+    assert [hit.rowid for hit in both] == [rowids[9]]
+    assert both[0].score > 0
+    assert len(await store.lexical_search(["hello"], key, 20)) == 10
+    assert len(await store.lexical_search(["hello"], key, 3)) == 3
+    # nothing in a term is query syntax
+    assert await store.lexical_search(['zebra" OR "hello', "NEAR(a b)"], key, 20) == []
+    assert await store.lexical_search([], key, 20) == []
+
+
+async def test_vector_search_ranks_exactly_within_the_session(store: Store) -> None:
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((30, DIMS)).astype(np.float32)
+    key = await store.create_session("ns", "s")
+    other = await store.create_session("ns", "other")
+    rowids = await add(store, key, [f"text {i}" for i in range(30)], vectors)
+    await add(store, other, ["close to seven"], vectors[7:8] * 1.01)
+
+    query = vectors[7] + 0.1
+    exact = exact_distances(vectors, query)
+    nearest = await store.vector_search(query, key, 5)
+    assert [hit.rowid for hit in nearest] == [rowids[i] for i in np.argsort(exact)[:5]]
+    assert [hit.score for hit in nearest] == pytest.approx(sorted(exact)[:5], abs=1e-5)
+
+    wanted = [rowids[3], rowids[9]]
+    distances = await store.distances(query, wanted)
+    assert distances == pytest.approx({rowids[3]: exact[3], rowids[9]: exact[9]}, abs=1e-5)
+    stored = await store.message_vectors(wanted)
+    np.testing.assert_array_equal(stored[rowids[9]], vectors[9])
+    # a text is embedded once per database: its vector is found from any session
+    by_hash = await store.vectors_by_hash(["hash of text 4", "hash of nothing"])
+    assert list(by_hash) == ["hash of text 4"]
+    np.testing.assert_array_equal(by_hash["hash of text 4"], vectors[4])
+
+
+async def test_a_clear_saves_its_snapshot_and_state_together(store: Store, clock: Clock) -> None:
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((6, DIMS)).astype(np.float32)
+    key = await store.create_session("ns", "s")
+    rowids = await add(store, key, [f"entry {i}" for i in range(6)], vectors)
+    assert await store.snapshots(key) == []
+
+    state = (await store.load_state(key)).copy()
+    state.cleared_through, state.pinned = 5, rowids[1:3]
+    entries = [
+        SnapshotEntryRow(rowids[1], 0.9, "code", 40),
+        SnapshotEntryRow(rowids[2], 0.5, "user", 2),
+    ]
+    snapshot_id = await store.save_clear(key, state, ("conversation_limit", "incremental", entries))
+    assert snapshot_id is not None and state.last_snapshot_id == snapshot_id
+
+    [row] = await store.snapshots(key)
+    assert (row.id, row.reason, row.entry_count, row.size_bytes) == (
+        snapshot_id,
+        "conversation_limit",
+        2,
+        42,
+    )
+    assert row.created_at == clock.now
+    contents = await store.snapshot_entries(key, snapshot_id)
+    assert contents is not None and contents.created_at == clock.now
+    assert contents.entries == entries
+    assert sorted(await store.snapshot_message_rowids(key)) == rowids[1:3]
+    hits = await store.snapshot_vector_search(vectors[2], key, 5)
+    assert [hit.rowid for hit in hits] == [rowids[2], rowids[1]]
+    assert hits[0].score == pytest.approx(0.0, abs=1e-6)
+    loaded = await store.load_state(key)
+    assert (loaded.cleared_through, loaded.pinned, loaded.last_snapshot_id) == (
+        5,
+        rowids[1:3],
+        snapshot_id,
+    )
+
+    # another session cannot read it; a clear without a snapshot keeps the old one
+    other = await store.create_session("ns", "other")
+    assert await store.snapshot_entries(other, snapshot_id) is None
+    assert await store.save_clear(key, await store.load_state(key), None) is None
+    assert len(await store.snapshots(key)) == 1
+
+    for _ in range(3):
+        await store.save_clear(key, await store.load_state(key), ("manual", "full", entries[:1]))
+    assert [r.id for r in await store.snapshots(key)][-1] == snapshot_id
+    assert await store.prune_snapshots(2) == 2
+    kept = await store.snapshots(key)
+    assert len(kept) == 2 and snapshot_id not in {r.id for r in kept}
+    assert await store.snapshot_entries(key, snapshot_id) is None
+
+
+async def test_a_summary_is_kept_only_when_it_covers_more(store: Store) -> None:
+    key = await store.create_session("ns", "s")
+    assert await store.summary(key) is None
+    first = tiermem.SummaryRow("first", 3, 10, 1, 9, 50.0)
+    assert await store.save_summary(key, first) is True
+    assert await store.summary(key) == first
+    current = await store.session_version(key)
+    assert current is not None and current.summary_covered_through == 9
+    older = tiermem.SummaryRow("older", 3, 5, 1, 4, 60.0)
+    assert await store.save_summary(key, older) is False
+    assert await store.summary(key) == first
+    later = tiermem.SummaryRow("later", 4, 20, 2, 19, 70.0)
+    assert await store.save_summary(key, later) is True
+    assert await store.summary(key) == later
+
+    await store.delete_session(key)
+    assert await store.save_summary(key, tiermem.SummaryRow("late", 1, 1, 1, 99, 1.0)) is False
+    assert await store.session_version(key) is None
+
+
+async def test_deleting_a_session_removes_what_derives_from_it_and_no_other(
+    store: Store,
+) -> None:
+    rng = np.random.default_rng(9)
+    keys = {}
+    for sid in ("gone", "kept"):
+        keys[sid] = await store.create_session("ns", sid)
+        rowids = await add(
+            store,
+            keys[sid],
+            [f"{sid} giraffe {i}" for i in range(4)],
+            rng.standard_normal((4, DIMS)),
+        )
+        state = await store.load_state(keys[sid])
+        snapshot = ("manual", "full", [SnapshotEntryRow(rowids[0], 1.0, "user", 3)])
+        await store.save_clear(keys[sid], state, snapshot)
+        await store.save_summary(keys[sid], tiermem.SummaryRow(sid, 1, 4, 1, 3, 0.0))
+    before = await store.counts(("sessions", "messages", "kv_snapshots", "session_summaries"))
+    assert before == {"sessions": 2, "messages": 8, "kv_snapshots": 2, "session_summaries": 2}
+
+    await store.delete_session(keys["gone"])
+    assert await store.session_key("ns", "gone") is None
+    after = await store.counts(("sessions", "messages", "kv_snapshots", "session_summaries"))
+    assert after == {"sessions": 1, "messages": 4, "kv_snapshots": 1, "session_summaries": 1}
+    assert await store.lexical_search(["giraffe"], keys["gone"], 10) == []
+    assert await store.vector_search(np.ones(DIMS), keys["gone"], 10) == []
+    assert len(await store.lexical_search(["giraffe"], keys["kept"], 10)) == 4
+    assert len(await store.vector_search(np.ones(DIMS), keys["kept"], 10)) == 4
+    assert [s.session_id for s in await store.list_sessions()] == ["kept"]
+
+    # a session that was created and never written goes; one that was written stays
+    unused = await store.create_session("ns", "unused")
+    await store.delete_if_unused(unused)
+    await store.delete_if_unused(keys["kept"])
+    assert await store.session_key("ns", "unused") is None
+    assert await store.session_key("ns", "kept") == keys["kept"]
+
+
+async def test_rows_are_stamped_by_the_stores_clock(store: Store, clock: Clock) -> None:
+    quiet = await store.create_session("ns", "quiet")
+    clock.advance(60)
+    busy = await store.create_session("ns", "busy")
+    clock.advance(60)
+    await add(store, busy, ["one", "two words"])
+    listed = await store.list_sessions()
+    assert [(s.session_id, s.last_activity) for s in listed] == [
+        ("busy", clock.now),
+        ("quiet", clock.now - 120),
+    ]
+    assert (listed[0].message_count, listed[0].text_bytes) == (2, len("one") + len("two words"))
+    assert (listed[1].message_count, listed[1].text_bytes) == (0, 0)
+
+    clock.advance(30)
+    await store.save_state(quiet, await store.load_state(quiet))
+    assert (await store.list_sessions())[0].last_activity == clock.now
+
+
+async def test_ids_of_deleted_rows_are_never_handed_out_again(backend: Backend) -> None:
+    """Deleting the newest session (its messages and snapshot with it) does not give the
+    next session, message or snapshot its id: late work for the deleted one cannot alias."""
+    store = await backend.open()
+    try:
+        kept = await store.create_session("ns", "kept")
+        await add(store, kept, ["a", "b"])
+        gone = await store.create_session("ns", "gone")
+        gone_rowids = await add(store, gone, ["c", "d", "e"])
+        snapshot = (
+            "conversation_limit",
+            "incremental",
+            [SnapshotEntryRow(gone_rowids[0], 1, "user", 1)],
+        )
+        gone_snapshot = await store.save_clear(gone, await store.load_state(gone), snapshot)
+        await store.delete_session(gone)
+
+        again = await store.create_session("ns", "gone")
+        assert again > gone
+        new_rowids = await add(store, kept, ["f", "g"])
+        assert min(new_rowids) > max(gone_rowids)
+        snapshot = (
+            "conversation_limit",
+            "incremental",
+            [SnapshotEntryRow(new_rowids[0], 1, "user", 1)],
+        )
+        new_snapshot = await store.save_clear(kept, await store.load_state(kept), snapshot)
+        assert gone_snapshot is not None and new_snapshot is not None
+        assert new_snapshot > gone_snapshot
+    finally:
+        await store.close()
+    # and not after a reopen either (the counters are kept with the data)
+    store = await backend.open()
+    try:
+        await store.delete_session(again)
+        assert await store.create_session("ns", "third") > again
+    finally:
+        await store.close()
+
+
+# -- SQLite: opening, migrations, old files, size ----------------------------------------
 
 
 async def test_blank_database_is_migrated_and_recorded(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path, "m", 8)
+    store = await SQLiteStore.open(db_path, "m", DIMS)
     await store.close()
     conn = stdlib_sqlite3.connect(db_path)
     versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    meta = dict(conn.execute("SELECT key, value FROM meta"))
     conn.close()
-    assert versions == [m.version for m in migrate.available()]
+    assert versions == [m.version for m in migrate.available()] == list(range(1, 11))
     for table in (
         "sessions",
         "messages",
@@ -31,11 +416,12 @@ async def test_blank_database_is_migrated_and_recorded(db_path: Path) -> None:
     ):
         assert table in tables
     assert "snapshot_entry_vectors" not in tables
+    assert meta == {"embedding_model": "m", "embedding_dims": str(DIMS)}
 
 
 async def test_reopen_applies_nothing_twice(db_path: Path) -> None:
-    await (await SQLiteStore.open(db_path, "m", 8)).close()
-    store = await SQLiteStore.open(db_path, "m", 8)
+    await (await SQLiteStore.open(db_path, "m", DIMS)).close()
+    store = await SQLiteStore.open(db_path, "m", DIMS)
     key = await store.create_session("ns", "s")
     assert await store.session_key("ns", "s") == key
     await store.close()
@@ -47,38 +433,40 @@ async def test_reopen_applies_nothing_twice(db_path: Path) -> None:
     conn.close()
 
 
-async def test_other_embedding_dimension_is_refused(db_path: Path) -> None:
-    await (await SQLiteStore.open(db_path, "model-a", 8)).close()
+@pytest.mark.parametrize(("model", "dims"), [("model-b", 16), ("model-b", DIMS)])
+async def test_another_embedding_model_is_refused(db_path: Path, model: str, dims: int) -> None:
+    await (await SQLiteStore.open(db_path, "model-a", DIMS)).close()
     with pytest.raises(EmbeddingMismatchError, match="model-a"):
-        await SQLiteStore.open(db_path, "model-b", 16)
+        await SQLiteStore.open(db_path, model, dims)
+
+
+async def test_a_database_of_a_newer_tiermem_is_refused(db_path: Path) -> None:
+    await (await SQLiteStore.open(db_path, "m", DIMS)).close()
+    conn = stdlib_sqlite3.connect(db_path)
+    conn.execute("INSERT INTO schema_migrations VALUES (9999, 'from_the_future', 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match="newer than this tiermem knows"):
+        await SQLiteStore.open(db_path, "m", DIMS)
 
 
 async def test_corrupt_file_is_a_storage_error(tmp_path: Path) -> None:
     path = tmp_path / "junk.db"
     path.write_bytes(b"this is not a database at all" * 100)
     with pytest.raises(StorageError):
-        await SQLiteStore.open(path, "m", 8)
+        await SQLiteStore.open(path, "m", DIMS)
     assert path.read_bytes().startswith(b"this is not")  # nothing overwritten
 
 
 async def test_missing_folder_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="folder"):
-        await SQLiteStore.open(tmp_path / "no" / "such.db", "m", 8)
+        await SQLiteStore.open(tmp_path / "no" / "such.db", "m", DIMS)
 
 
-def _database_at_version(db_path: Path, version: int) -> Any:
+def _database_at_version(db_path: Path, version: int, dims: int = DIMS) -> Any:
     """A database file as an older tiermem left it: migrations up to `version` applied."""
-    conn = _raw_connect(str(db_path), 1000)
-    conn.execute(
-        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-        " applied_at REAL NOT NULL)"
-    )
-    for migration in migrate.available()[:version]:
-        for statement in migrate._statements(migration.sql):
-            conn.execute(statement)
-        conn.execute(
-            "INSERT INTO schema_migrations VALUES (?, ?, 0)", (migration.version, migration.name)
-        )
+    conn = raw_connect(str(db_path), 1000)
+    migrate.apply(conn, migrate.available()[:version], params=Parameters("m", dims))
     return conn
 
 
@@ -94,13 +482,12 @@ async def test_a_version_1_database_is_migrated_and_its_messages_stay_searchable
             " content_hash, created_at, token_count) VALUES (?, 0, 'm', 'user', ?, 'h', 0, 3)",
             (key, f"the zebra sanctuary of session {key}"),
         )
-    conn.commit()
     conn.close()
 
-    store = await SQLiteStore.open(db_path, "m", 8)
+    store = await SQLiteStore.open(db_path, "m", DIMS)
     try:
         hits = await store.lexical_search(["zebra"], 2, 10)
-        rows = await store.messages_by_rowid([rowid for rowid, _ in hits])
+        rows = await store.messages_by_rowid([hit.rowid for hit in hits])
         assert [r.content for r in rows] == ["the zebra sanctuary of session 2"]
         assert await store.lexical_search(["zebra"], 3, 10) == []
     finally:
@@ -110,15 +497,16 @@ async def test_a_version_1_database_is_migrated_and_its_messages_stay_searchable
 async def test_float_vectors_of_a_version_3_database_move_to_the_bit_index(
     db_path: Path,
 ) -> None:
-    """Before migration 4, message vectors lived in a float vec0 table; they are moved into
-    `message_embeddings` and indexed by sign bits, and search exactly as before."""
-    vectors = np.random.default_rng(3).standard_normal((40, 8)).astype(np.float32)
+    """Before migration 4, message vectors lived in a float vec0 table that the store made;
+    migration 9 moves them into `message_embeddings`, migration 10 indexes their sign bits,
+    and they search exactly as before."""
+    vectors = np.random.default_rng(3).standard_normal((40, DIMS)).astype(np.float32)
     conn = _database_at_version(db_path, 3)
     conn.execute(
         "CREATE VIRTUAL TABLE message_vectors USING vec0(session_key integer partition key,"
-        " embedding float[8] distance_metric=cosine)"
+        f" embedding float[{DIMS}] distance_metric=cosine)"
     )
-    conn.execute("INSERT INTO meta VALUES ('embedding_model', 'm'), ('embedding_dims', '8')")
+    conn.execute("INSERT INTO meta VALUES ('embedding_model', 'm'), ('embedding_dims', ?)", (DIMS,))
     conn.execute("INSERT INTO sessions VALUES (1, 'ns', 's', 0, 0)")
     for i, vector in enumerate(vectors):
         conn.execute(
@@ -132,44 +520,23 @@ async def test_float_vectors_of_a_version_3_database_move_to_the_bit_index(
         )
     conn.close()
 
-    store = await SQLiteStore.open(db_path, "m", 8)
+    store = await SQLiteStore.open(db_path, "m", DIMS)
     try:
         counts = await store.counts()
         assert counts["message_embeddings"] == counts["message_index"] == 40
         query = vectors[7] + 0.1
-        exact = 1 - (vectors @ query) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query)
+        exact = exact_distances(vectors, query)
         nearest = await store.vector_search(query, 1, 5)
-        assert [rowid for rowid, _ in nearest] == [int(i) + 1 for i in np.argsort(exact)[:5]]
-        assert [d for _, d in nearest] == pytest.approx(sorted(exact)[:5], abs=1e-5)
+        assert [hit.rowid for hit in nearest] == [int(i) + 1 for i in np.argsort(exact)[:5]]
+        assert [hit.score for hit in nearest] == pytest.approx(sorted(exact)[:5], abs=1e-5)
     finally:
         await store.close()
     conn = stdlib_sqlite3.connect(db_path)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    recorded = dict(conn.execute("SELECT version, name FROM schema_migrations WHERE version > 8"))
     conn.close()
     assert "message_vectors" not in tables
-
-
-async def test_a_word_in_most_messages_does_not_crowd_out_a_rare_one(db_path: Path) -> None:
-    """Its bm25 weight is nil, so leaving it out changes no ranking, only the cost."""
-    store = await SQLiteStore.open(db_path, "m", 8)
-    try:
-        key = await store.create_session("ns", "s")
-        contents = [f"hello there number {i}" for i in range(9)] + ["hello zebra"]
-        await store.append_messages(
-            key,
-            [
-                NewMessage(i, f"m{i}", "user", c, f"h{i}", None, float(i), 3)
-                for i, c in enumerate(contents)
-            ],
-            None,
-            StateRow(),
-        )
-        both = await store.lexical_search(["hello", "zebra"], key, 20)
-        rows = await store.messages_by_rowid([rowid for rowid, _ in both])
-        assert [r.content for r in rows] == ["hello zebra"]
-        assert len(await store.lexical_search(["hello"], key, 20)) == 10
-    finally:
-        await store.close()
+    assert recorded == {9: "float_vectors_to_embeddings", 10: "message_index"}
 
 
 def _old_vector_tables(conn: Any, dims: int) -> None:
@@ -191,7 +558,7 @@ async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Pat
     the snapshot vec0 table goes and the bit index is remade with small chunks."""
     rng = np.random.default_rng(5)
     vectors = rng.standard_normal((12, 384)).astype(np.float32)
-    conn = _database_at_version(db_path, 4)
+    conn = _database_at_version(db_path, 4, dims=384)
     _old_vector_tables(conn, 384)
     # sessions 2 and 5 (ids with gaps, as deletes leave them), six messages each
     for key in (2, 5):
@@ -217,7 +584,7 @@ async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Pat
             conn.execute(
                 "INSERT INTO message_index(rowid, session_key, embedding)"
                 " VALUES (?, ?, vec_bit(?))",
-                (rowid, key, _bits(vectors[n])),
+                (rowid, key, bits(vectors[n])),
             )
         conn.execute(
             "INSERT INTO kv_snapshots VALUES (?, ?, 'conversation_limit', 'incremental', 2, 9,"
@@ -241,20 +608,20 @@ async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Pat
     try:
         assert await store.session_key("ns", "s5") == 5
         hits = await store.lexical_search(["giraffe"], 5, 10)
-        assert sorted(rowid for rowid, _ in hits) == list(range(50, 56))
+        assert sorted(hit.rowid for hit in hits) == list(range(50, 56))
         assert [r.content for r in await store.messages_by_rowid([53])] == [
             "giraffe 9 of session 5"
         ]
         query = vectors[9] + 0.05
         nearest = await store.vector_search(query, 5, 1)
-        assert [rowid for rowid, _ in nearest] == [53]
+        assert [hit.rowid for hit in nearest] == [53]
         snapshot_hits = await store.snapshot_vector_search(query, 5, 5)
-        assert [rowid for rowid, _ in snapshot_hits] == [53, 50]
-        assert snapshot_hits[0][1] == pytest.approx(
+        assert [hit.rowid for hit in snapshot_hits] == [53, 50]
+        assert snapshot_hits[0].score == pytest.approx(
             1 - vectors[9] @ query / np.linalg.norm(vectors[9]) / np.linalg.norm(query), abs=1e-5
         )
         found = await store.snapshot_entries(5, 105)
-        assert found is not None and [e.message_rowid for e in found[1]] == [50, 53]
+        assert found is not None and [e.message_rowid for e in found.entries] == [50, 53]
         assert (await store.load_state(5)).pinned == [50]
         summary = await store.summary(5)
         assert summary is not None and summary.text == "sum 5"
@@ -284,7 +651,7 @@ async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Pat
     # the pages of the dropped vec0 table (1.5 MB for each session with a snapshot) left
     # the file: it was compacted after the migrations
     assert _file_size(db_path) < 500_000
-    conn = _raw_connect(str(db_path), 1000)
+    conn = raw_connect(str(db_path), 1000)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
@@ -301,54 +668,45 @@ async def test_a_version_4_database_keeps_its_ids_rows_and_searches(db_path: Pat
         conn.close()
 
 
-async def test_ids_of_deleted_rows_are_never_handed_out_again(db_path: Path) -> None:
-    """Deleting the newest session (its messages and snapshot with it) does not give the
-    next session, message or snapshot its id: late work for the deleted one cannot alias."""
+async def test_a_version_8_database_keeps_the_bit_index_its_store_made(db_path: Path) -> None:
+    """Before migration 10 the store made `message_index` itself when it opened a file;
+    migration 10 keeps that index (no row twice) and records it, and it still searches."""
+    vectors = np.random.default_rng(11).standard_normal((5, DIMS)).astype(np.float32)
+    conn = _database_at_version(db_path, 8)
+    conn.execute(
+        "CREATE VIRTUAL TABLE message_index USING vec0(session_key integer partition key,"
+        f" embedding bit[{DIMS}], chunk_size=256)"
+    )
+    conn.execute("INSERT INTO meta VALUES ('embedding_model', 'm'), ('embedding_dims', ?)", (DIMS,))
+    conn.execute("INSERT INTO sessions VALUES (1, 'ns', 's', 0, 0)")
+    conn.execute("INSERT INTO session_state(session_key, updated_at) VALUES (1, 0)")
+    for i, vector in enumerate(vectors):
+        conn.execute(
+            "INSERT INTO messages(id, session_key, position, message_id, role, content,"
+            " content_hash, created_at, token_count) VALUES (?, 1, ?, ?, 'user', 'x', ?, 0, 1)",
+            (i + 1, i, f"m{i}", f"h{i}"),
+        )
+        conn.execute("INSERT INTO message_embeddings VALUES (?, ?)", (i + 1, vector.tobytes()))
+        conn.execute(
+            "INSERT INTO message_index(rowid, session_key, embedding) VALUES (?, 1, vec_bit(?))",
+            (i + 1, bits(vector)),
+        )
+    conn.close()
 
-    def messages(n: int) -> list[NewMessage]:
-        return [
-            NewMessage(i, f"m{i}", "user", f"text {i}", f"h{i}", None, 0.0, 2) for i in range(n)
-        ]
-
-    store = await SQLiteStore.open(db_path, "m", 8)
+    with pytest.raises(EmbeddingMismatchError):  # checked before migrating
+        await SQLiteStore.open(db_path, "m", 16)
+    store = await SQLiteStore.open(db_path, "m", DIMS)
     try:
-        kept = await store.create_session("ns", "kept")
-        await store.append_messages(kept, messages(2), None, await store.load_state(kept))
-        gone = await store.create_session("ns", "gone")
-        gone_rowids = await store.append_messages(
-            gone, messages(3), None, await store.load_state(gone)
-        )
-        snapshot = (
-            "conversation_limit",
-            "incremental",
-            [SnapshotEntryRow(gone_rowids[0], 1, "user", 1)],
-        )
-        gone_snapshot = await store.save_clear(gone, await store.load_state(gone), snapshot, {})
-        await store.delete_session(gone)
-
-        again = await store.create_session("ns", "gone")
-        assert again > gone
-        new_rowids = await store.append_messages(
-            kept, messages(4)[2:], None, await store.load_state(kept)
-        )
-        assert min(new_rowids) > max(gone_rowids)
-        snapshot = (
-            "conversation_limit",
-            "incremental",
-            [SnapshotEntryRow(new_rowids[0], 1, "user", 1)],
-        )
-        new_snapshot = await store.save_clear(kept, await store.load_state(kept), snapshot, {})
-        assert gone_snapshot is not None and new_snapshot is not None
-        assert new_snapshot > gone_snapshot
+        assert (await store.counts())["message_index"] == 5
+        nearest = await store.vector_search(vectors[2], 1, 1)
+        assert [hit.rowid for hit in nearest] == [3]
     finally:
         await store.close()
-    # and not after a reopen either (the counters are in the file)
-    store = await SQLiteStore.open(db_path, "m", 8)
-    try:
-        await store.delete_session(again)
-        assert await store.create_session("ns", "third") > again
-    finally:
-        await store.close()
+    conn = stdlib_sqlite3.connect(db_path)
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == list(
+        range(1, 11)
+    )
+    conn.close()
 
 
 async def test_200_small_sessions_with_snapshots_take_megabytes_not_hundreds(
@@ -376,10 +734,7 @@ async def test_200_small_sessions_with_snapshots_take_megabytes_not_hundreds(
             )
             entries = [SnapshotEntryRow(rowid, 0.5, "user", 100) for rowid in rowids[:5]]
             await store.save_clear(
-                key,
-                await store.load_state(key),
-                ("conversation_limit", "incremental", entries),
-                dict(zip(rowids, vectors, strict=True)),
+                key, await store.load_state(key), ("conversation_limit", "incremental", entries)
             )
         hits = await store.snapshot_vector_search(vectors[3], key, 2)
         assert hits[0] == (rowids[3], pytest.approx(0.0, abs=1e-6))
@@ -434,3 +789,137 @@ def test_a_table_rebuild_that_orphans_rows_is_rolled_back(db_path: Path) -> None
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     finally:
         conn.close()
+
+
+def test_a_python_step_gets_the_runtime_parameters_inside_its_migration(db_path: Path) -> None:
+    """A migration's Python step runs after its statements, in its transaction, with the
+    parameters the opener gives: a failure undoes the statements too and records nothing,
+    and a step is never run without its parameters, nor twice."""
+    conn = _database_at_version(db_path, len(migrate.available()))
+    seen: list[Parameters] = []
+
+    def widths(c: Any, params: Parameters) -> None:
+        seen.append(params)
+        c.execute("CREATE TABLE widths (n INTEGER)")
+        c.execute("INSERT INTO widths VALUES (?)", (params.dimensions,))
+
+    def failing(c: Any, params: Parameters) -> None:
+        raise RuntimeError("the step failed")
+
+    def tables() -> set[str]:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+
+    def recorded() -> set[int]:
+        return {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+
+    try:
+        sql = "CREATE TABLE made_before_the_step (x INTEGER);\n"
+        with pytest.raises(RuntimeError, match="the step failed"):
+            migrate.apply(conn, [migrate.Migration(99, "fails", sql, failing)], params=PARAMS)
+        assert "made_before_the_step" not in tables() and 99 not in recorded()
+
+        good = migrate.Migration(99, "widths", sql, widths)
+        with pytest.raises(StorageError, match="parameters"):
+            migrate.apply(conn, [good])
+        assert "made_before_the_step" not in tables() and 99 not in recorded()
+
+        assert migrate.apply(conn, [good], params=Parameters("wide", 24)) == [99]
+        assert conn.execute("SELECT n FROM widths").fetchall() == [(24,)]
+        assert {"made_before_the_step", "widths"} <= tables()
+        assert migrate.apply(conn, [good], params=Parameters("wide", 24)) == []
+        assert seen == [Parameters("wide", 24)]
+    finally:
+        conn.close()
+
+
+def test_a_migration_naming_an_unknown_step_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="no known step 'nope'"):
+        migrate.Migration.of(99, "x", "-- migrate: python nope\n")
+    assert migrate.Migration.of(10, "message_index", "-- migrate: python message_index\n").step
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_migrations(tmp_path: Path) -> None:
+    """The wheel holds `migrations/` as `tiermem/migrations` (hatch force-include): the
+    package installed from it, with no checkout in sight, migrates a new database."""
+    dist, target = tmp_path / "dist", tmp_path / "installed"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # hatchling in the environment: build with it; else pip fetches it for the build
+    isolation = ["--no-build-isolation"] if find_spec("hatchling") else []
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", *isolation, "-w", str(dist), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    [wheel] = dist.glob("tiermem-*.whl")
+    shipped = sorted(p.name for p in (ROOT / "migrations").glob("*.sql"))
+    with zipfile.ZipFile(wheel) as archive:
+        carried = sorted(
+            name.removeprefix("tiermem/migrations/")
+            for name in archive.namelist()
+            if name.startswith("tiermem/migrations/")
+        )
+    assert carried == shipped
+
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    script = (
+        "import asyncio, json, sqlite3, sys, tiermem\n"
+        "from tiermem._store import _migrate\n"
+        "async def main():\n"
+        "    store = await tiermem.SQLiteStore.open(sys.argv[1], 'm', 8)\n"
+        "    await store.close()\n"
+        "asyncio.run(main())\n"
+        "rows = sqlite3.connect(sys.argv[1]).execute('SELECT version FROM schema_migrations')\n"
+        "print(json.dumps({'package': tiermem.__file__, 'folder': str(_migrate.folder()),"
+        " 'versions': [r[0] for r in rows]}))\n"
+    )
+    # the installed package first; the environment's packages for its dependencies (an
+    # editable install's path to a checkout comes after, and is not what gets imported)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "fresh.db")],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    found = json.loads(out.stdout.splitlines()[-1])
+    assert Path(found["package"]).is_relative_to(target)
+    assert Path(found["folder"]) == target / "tiermem" / "migrations"
+    assert found["versions"] == [int(name[:4]) for name in shipped]
+
+
+# -- one clock, through the public API ---------------------------------------------------
+
+
+async def test_a_snapshots_age_is_measured_on_the_managers_clock(
+    open_manager: Callable[..., Any], clock: Clock
+) -> None:
+    """The store stamps snapshots with the clock the manager was given, so a restore 90
+    minutes later (on that clock) says so, and the listing shows when it was taken."""
+    async with await open_manager() as mgr:
+        for i in range(16):  # the 16th turn clears, with a snapshot
+            system = [tiermem.Message("system", "You help Ana plan a trip.", id="sys")]
+            await mgr.process_conversation(
+                "s",
+                [
+                    *(system if i == 0 else []),
+                    tiermem.Message("user", f"small talk number {i} about the weather", id=f"u{i}"),
+                    tiermem.Message("assistant", f"reply {i} about clouds", id=f"a{i}"),
+                ],
+            )
+        taken = clock.now
+        [snapshot] = await mgr.list_snapshots("s")
+        assert snapshot.created_at.timestamp() == taken
+        [session] = await mgr.list_sessions()
+        assert session.last_activity.timestamp() == taken
+
+        clock.advance(90 * 60)
+        restored = await mgr.restore_from_snapshot("s", snapshot.snapshot_id)
+        assert restored.age_minutes == 90
+        assert restored.bridge_message.endswith("(90 minutes old).")

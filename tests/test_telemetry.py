@@ -57,7 +57,7 @@ async def test_every_kind_of_event_is_reported(open_manager: Callable[..., Any])
     assert retrieval.hits == sum(retrieval.hits_by_tier.values()) > 0
     assert retrieval.tiers == (1, 2, 3) and retrieval.duration_ms > 0
     (eviction,) = events.of(tiermem.EvictionEvent)
-    assert (eviction.session_id, eviction.reason) == ("s", "session_limit")
+    assert (eviction.session_id, eviction.reason) == ("s", "SessionLimit")
 
 
 async def test_logging_telemetry_writes_one_json_line_per_event(
@@ -70,7 +70,7 @@ async def test_logging_telemetry_writes_one_json_line_per_event(
     assert {getattr(r, "event", None) for r in records} == KINDS
     lines = [json.loads(JsonFormatter().format(r)) for r in records]
     eviction = next(line for line in lines if line["event"] == "eviction")
-    assert eviction["session_id"] == "s" and eviction["reason"] == "session_limit"
+    assert eviction["session_id"] == "s" and eviction["reason"] == "SessionLimit"
     assert eviction["bytes_freed"] > 0 and eviction["level"] == "INFO"
     assert "eviction session_id=s" in eviction["message"]
 
@@ -106,7 +106,7 @@ async def test_opentelemetry_metrics(open_manager: Callable[..., Any]) -> None:
 
     assert total("tiermem.clears", reason="ConversationLimit") == 1
     assert total("tiermem.clears.entries") == 32
-    assert total("tiermem.evictions", reason="session_limit") == 1
+    assert total("tiermem.evictions", reason="SessionLimit") == 1
     assert total("tiermem.evictions.bytes") > 0
     assert total("tiermem.budget.exceeded", scope="sessions") >= 1
     assert total("tiermem.snapshots") == 1

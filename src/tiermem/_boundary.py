@@ -9,12 +9,13 @@ original chained as its cause and logged with its traceback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
+import anyio
 import pysqlite3.dbapi2 as sqlite3
 
-from ._errors import StorageError, TierMemError
+from ._errors import ManagerClosedError, StorageError, TierMemError
 
 log = logging.getLogger("tiermem")
 
@@ -56,3 +57,45 @@ def map_errors() -> Iterator[None]:
         if mapped is exc:
             raise
         raise mapped from exc
+
+
+class Calls:
+    """The public calls in flight, so that closing can refuse new ones, wait for those
+    running, and cancel what is left (a cancelled call raises `ManagerClosedError`)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._scopes: set[anyio.CancelScope] = set()
+        self._drained = anyio.Event()  # set when closing and no call is left
+
+    def check_open(self) -> None:
+        if self.closing:
+            raise ManagerClosedError("this KVCacheManager is closed")
+
+    @asynccontextmanager
+    async def enter(self) -> AsyncIterator[None]:
+        """One call: refused once closing; counted while it runs; every error it raises
+        converted to a `TierMemError`."""
+        self.check_open()
+        scope = anyio.CancelScope()
+        self._scopes.add(scope)
+        try:
+            with scope, map_errors():
+                yield
+        finally:
+            self._scopes.discard(scope)
+            if self.closing and not self._scopes:
+                self._drained.set()
+        if scope.cancelled_caught:
+            raise ManagerClosedError("the manager was closed while this call ran")
+
+    async def close(self, wait_seconds: float) -> None:
+        """Refuse new calls, wait up to `wait_seconds` for those running, cancel the rest
+        and wait until they have ended."""
+        self.closing = True
+        if self._scopes:
+            with anyio.move_on_after(wait_seconds):
+                await self._drained.wait()
+            for scope in list(self._scopes):
+                scope.cancel()
+            await self._drained.wait()

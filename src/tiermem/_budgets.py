@@ -3,7 +3,7 @@
 Two kinds of limit. The manager's (`max_bytes_total`, `max_sessions`) is held by sending
 least-recently-used sessions out of memory (flushed first, rebuilt on their next call).
 A session's own (`max_bytes_per_session`, never above the total; `max_entries_per_session`
-and `max_cache_entries`) is held by clearing its active cache, then, if what a clear
+and `max_entries_per_session`) is held by clearing its active cache, then, if what a clear
 preserves is still too much, by shedding the oldest entries (system prompts last). Shed
 entries stay in the history (tier 3), like anything cleared.
 """
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from ._cache import ActiveCache, CacheEntry
 from ._config import KVCacheConfig
+from ._types import EvictionReason
 
 # eviction reasons (the keys of `status().evictions_by_reason`)
-MEMORY = "memory_budget"
-SESSIONS = "session_limit"
-IDLE = "idle"
+MEMORY = EvictionReason.MEMORY_BUDGET
+SESSIONS = EvictionReason.SESSION_LIMIT
+IDLE = EvictionReason.IDLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,7 @@ class SessionBudget:
         limits = [b for b in (config.max_bytes_per_session, config.max_bytes_total) if b]
         return cls(
             min(limits) if limits else None,
-            min(config.max_entries_per_session, config.max_cache_entries),
+            config.max_entries_per_session,
         )
 
     def excess(self, cache: ActiveCache) -> Excess | None:

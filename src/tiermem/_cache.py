@@ -38,6 +38,15 @@ def entry_type(role: str, content: str) -> str:
     return role
 
 
+class Totals:
+    """KV bytes and entries of every active cache counted in it: what the budget reads on
+    every turn, kept as running sums (not summed over every session each time)."""
+
+    def __init__(self) -> None:
+        self.kv_bytes = 0
+        self.entries = 0
+
+
 class ActiveCache:
     """A session's entries in position order, with running totals (read on every turn)."""
 
@@ -45,6 +54,17 @@ class ActiveCache:
         self._entries: list[CacheEntry] = []
         self.kv_bytes = 0
         self.token_count = 0
+        self._totals: Totals | None = None
+
+    def count_in(self, totals: Totals | None) -> None:
+        """Count this cache in `totals` (None: in none) from now on."""
+        if self._totals is not None:
+            self._totals.kv_bytes -= self.kv_bytes
+            self._totals.entries -= len(self._entries)
+        self._totals = totals
+        if totals is not None:
+            totals.kv_bytes += self.kv_bytes
+            totals.entries += len(self._entries)
 
     @property
     def entries(self) -> list[CacheEntry]:
@@ -61,6 +81,10 @@ class ActiveCache:
         self.replace(self._entries + [e for e in new if e.rowid not in known])
 
     def replace(self, entries: list[CacheEntry]) -> None:
+        totals, before = self._totals, (self.kv_bytes, len(self._entries))
         self._entries = sorted(entries, key=lambda e: e.position)
         self.kv_bytes = sum(e.kv_bytes for e in self._entries)
         self.token_count = sum(e.token_count for e in self._entries)
+        if totals is not None:
+            totals.kv_bytes += self.kv_bytes - before[0]
+            totals.entries += len(self._entries) - before[1]

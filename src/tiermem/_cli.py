@@ -11,12 +11,10 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import sqlite3
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,11 +23,19 @@ import anyio.to_thread
 
 from ._config import KVCacheConfig
 from ._errors import InvalidInputError, NotFoundError, TierMemError
-from ._types import DEFAULT_NAMESPACE, ROLES, Message
+from ._jsonl import (
+    check_json,
+    check_name,
+    check_stored,
+    check_unicode,
+    kind,
+    read_jsonl,
+    shown,
+    to_message,
+)
+from ._types import DEFAULT_NAMESPACE
 
 MAX_LIMIT = 1000  # search hits, as the config's retrieval_limit
-MAX_NAME = 512  # characters in a session id or namespace, as the library allows
-MAX_DEPTH = 100  # levels of nesting in a line's metadata
 MIGRATIONS_TABLE = "schema_migrations"  # in every tiermem database, from its first migration
 
 
@@ -65,7 +71,7 @@ async def _check_db(path: str, create: bool) -> None:
         raise TierMemError(f"no database at {path}")
     tables = await anyio.to_thread.run_sync(_tables, path) if exists else None
     if tables is not None and MIGRATIONS_TABLE not in tables and (tables or not create):
-        held = f"it holds {', '.join(map(_shown, sorted(tables)[:3]))}" if tables else "it is empty"
+        held = f"it holds {', '.join(map(shown, sorted(tables)[:3]))}" if tables else "it is empty"
         raise InvalidInputError(f"{path} is not a tiermem database ({held})")
 
 
@@ -111,16 +117,16 @@ def _check_fixture(path: Path) -> None:
         try:
             if not isinstance(session, dict) or not isinstance(session.get("messages"), list):
                 raise InvalidInputError("expected an object with a list of messages")
-            _check_name("session_id", session.get("session_id"))
-            _check_json("system", session.get("system"))
+            check_name("session_id", session.get("session_id"))
+            check_json("system", session.get("system"))
             if not isinstance(session.get("system"), str):
                 raise InvalidInputError("system must be a string")
             for m in session["messages"]:
                 if not isinstance(m, dict):
-                    raise InvalidInputError(f"a message is {_kind(m)}, not an object")
+                    raise InvalidInputError(f"a message is {kind(m)}, not an object")
                 fields = {k: v for k, v in m.items() if k in ("role", "content", "id")}
-                _message(fields, sys.maxsize)  # no size limit: the demo's own text
-                _check_name("a message id", m.get("id"))
+                to_message(fields, sys.maxsize)  # no size limit: the demo's own text
+                check_name("a message id", m.get("id"))
         except TierMemError as exc:
             raise InvalidInputError(f"{path}: session {number}: {exc}") from exc
 
@@ -150,208 +156,6 @@ async def _chat(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"standard input is not UTF-8 text ({exc.reason})") from exc
 
 
-FIELDS = frozenset({"session_id", "namespace", "role", "content", "id", "created_at", "metadata"})
-
-
-def _shown(value: object, width: int = 40) -> str:
-    """`value` for an error message: its repr, cut short (a bad line can be megabytes)."""
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _kind(value: object) -> str:
-    """The JSON name of `value`'s type."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
-def _check_unicode(what: str, value: str) -> None:
-    """A lone surrogate (from JSON's \\ud800 or a non-UTF-8 argument) is not text."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(f"{what} is not valid Unicode (a lone surrogate)") from exc
-
-
-def _check_name(what: str, value: object) -> str:
-    """A session id, namespace or message id: a non-blank string, valid Unicode, no NUL."""
-    if not isinstance(value, str):
-        raise InvalidInputError(f"{what} must be a string, not {_kind(value)}")
-    if not value.strip():
-        raise InvalidInputError(f"{what} is empty")
-    _check_unicode(what, value)
-    if "\x00" in value:
-        raise InvalidInputError(f"{what} contains a NUL character")
-    if len(value) > MAX_NAME:
-        raise InvalidInputError(f"{what} is longer than {MAX_NAME} characters")
-    return value
-
-
-def _check_json(what: str, value: object, depth: int = 0) -> None:
-    """Every string in `value` valid Unicode, every number finite (JSON's own rules), and
-    not so deeply nested that storing it (as JSON again) would overflow Python's stack."""
-    if depth > MAX_DEPTH:
-        raise InvalidInputError(f"{what} is nested more than {MAX_DEPTH} levels deep")
-    if isinstance(value, str):
-        _check_unicode(what, value)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise InvalidInputError(f"{what} holds a number too large for JSON")
-    elif isinstance(value, list):
-        for item in value:
-            _check_json(what, item, depth + 1)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_unicode(f"a key in {what}", key)
-            _check_json(what, item, depth + 1)
-
-
-def _check_date(value: object) -> datetime | None:
-    """`created_at`: null, or an ISO 8601 date that the database can store and give back."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidInputError(f"created_at must be an ISO 8601 date string, not {_kind(value)}")
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError as exc:  # Python's reason, unless it only repeats the value
-        reason = "" if str(exc).startswith("Invalid isoformat") else f" ({exc})"
-        raise InvalidInputError(
-            f"created_at {_shown(value)} is not an ISO 8601 date{reason}"
-        ) from exc
-    try:  # stored as a POSIX timestamp, read back as a UTC datetime
-        datetime.fromtimestamp(when.timestamp(), UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise InvalidInputError(f"created_at {_shown(value)} is out of range") from exc
-    return when
-
-
-def _parse_line(raw: bytes, first: bool) -> dict[str, Any]:
-    """One JSONL line as a JSON object: UTF-8 (a BOM allowed on the first line), strict JSON
-    (no NaN or Infinity), strings valid Unicode."""
-    try:
-        line = raw.decode("utf-8-sig" if first else "utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"not UTF-8 text (byte {exc.start + 1} of the line)") from exc
-
-    def constant(name: str) -> Any:
-        raise InvalidInputError(f"not JSON ({name} is not a JSON number)")
-
-    try:
-        row = json.loads(line, parse_constant=constant)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"not JSON ({exc.msg}, column {exc.colno})") from exc
-    except ValueError as exc:  # Python refuses integers of thousands of digits
-        raise InvalidInputError("not JSON (a number with too many digits)") from exc
-    except RecursionError as exc:
-        raise InvalidInputError("not JSON (nested too deeply)") from exc
-    if not isinstance(row, dict):
-        raise InvalidInputError(f"expected a JSON object, not {_kind(row)}")
-    for field, value in row.items():
-        _check_unicode("a field name", field)
-        _check_json(field, value)
-    return row
-
-
-def _message(row: dict[str, Any], max_bytes: int) -> Message:
-    """The message of a parsed line, every field checked here (the CLI's promise does not
-    depend on what the library checks)."""
-    unknown = sorted(set(row) - FIELDS)
-    if unknown:
-        raise InvalidInputError(f"unknown fields {', '.join(map(_shown, unknown[:5]))}")
-    for field in ("role", "content"):
-        if field not in row:
-            raise InvalidInputError(f"no {field!r} (each line needs role and content)")
-    role, content = row["role"], row["content"]
-    if not isinstance(role, str) or role not in ROLES:
-        raise InvalidInputError(
-            f"role must be one of {', '.join(sorted(ROLES))}, not {_shown(role)}"
-        )
-    if not isinstance(content, str):
-        raise InvalidInputError(f"content must be a string, not {_kind(content)}")
-    size = len(content.encode("utf-8"))
-    if size > max_bytes:
-        raise InvalidInputError(f"content is {size} bytes; the limit is {max_bytes}")
-    mid = row.get("id")
-    if mid is not None:
-        _check_name("id", mid)
-    metadata = row.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise InvalidInputError(f"metadata must be an object, not {_kind(metadata)}")
-    created = _check_date(row.get("created_at"))
-    return Message(role, content, id=mid, metadata=metadata, created_at=created)
-
-
-def _read_jsonl(
-    path: str, session: str | None, max_bytes: int
-) -> dict[tuple[str, str], list[Message]]:
-    """Messages by (namespace, session), in file order; every line checked before any is
-    stored."""
-    if os.path.isdir(path):
-        raise InvalidInputError(f"{path} is a folder, not a JSONL file")
-    by_session: dict[tuple[str, str], list[Message]] = {}
-    ids: dict[tuple[str, str], dict[str, int]] = {}  # message id -> line, per session
-    # a line holds one message: its content (JSON may escape a byte as 6) and a little more
-    longest = 6 * max_bytes + 2**20
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(iter(lambda: lines.readline(longest + 1), b""), start=1):
-            if len(raw) > longest:
-                raise InvalidInputError(
-                    f"{path}:{number}: longer than {longest} bytes (JSONL is one message a line)"
-                )
-            if not raw.strip():
-                continue
-            try:
-                row = _parse_line(raw, number == 1)
-                sid = row.pop("session_id", None)
-                sid = session if sid is None else _check_name("session_id", sid)
-                if sid is None:
-                    raise InvalidInputError("no session_id (or pass --session)")
-                ns = row.pop("namespace", None)
-                ns = DEFAULT_NAMESPACE if ns is None else _check_name("namespace", ns)
-                message = _message(row, max_bytes)
-            except TierMemError as exc:
-                raise InvalidInputError(f"{path}:{number}: {exc}") from exc
-            seen = ids.setdefault((ns, sid), {})
-            if message.id is not None:
-                if message.id in seen:
-                    raise InvalidInputError(
-                        f"{path}:{number}: id {_shown(message.id)} is already used on line "
-                        f"{seen[message.id]} for session {_shown(sid)}"
-                    )
-                seen[message.id] = number
-            by_session.setdefault((ns, sid), []).append(message)
-    if not by_session:
-        raise InvalidInputError(f"{path} holds no messages")
-    return by_session
-
-
-async def _check_stored(mgr: Any, by_session: dict[tuple[str, str], list[Message]]) -> None:
-    """Refuse the file if one of its ids is stored with other content: found before any
-    session is written (and without loading one), so a failed ingest changes nothing."""
-    for (ns, sid), messages in by_session.items():
-        given = {m.id: m for m in messages if m.id is not None}
-        if not given:
-            continue
-        try:
-            history = await mgr.get_conversation_history(sid, namespace=ns)
-        except NotFoundError:
-            continue
-        for stored in history:
-            new = given.get(stored.id)
-            if new is not None and (new.role, new.content) != (stored.role, stored.content):
-                raise InvalidInputError(
-                    f"id {_shown(stored.id)} of session {_shown(sid)} is already stored "
-                    "with other content"
-                )
-
-
 class _Progress:
     """A one-line progress bar on stderr."""
 
@@ -371,7 +175,7 @@ async def _ingest(args: argparse.Namespace) -> int:
 
     config = _config(args)
     by_session = await anyio.to_thread.run_sync(
-        _read_jsonl, args.file, args.session, config.max_message_bytes
+        read_jsonl, args.file, args.session, config.max_message_bytes
     )
     for messages in by_session.values():
         validate(messages, config.max_message_bytes)
@@ -379,7 +183,7 @@ async def _ingest(args: argparse.Namespace) -> int:
     bar = _Progress(total)
     new = 0
     async with await _open(args, config, create=True) as mgr:
-        await _check_stored(mgr, by_session)
+        await check_stored(mgr, by_session)
         for (ns, sid), messages in by_session.items():
             seen = [0]
 
@@ -498,7 +302,7 @@ def _limit(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {_shown(text)}") from None
+        raise argparse.ArgumentTypeError(f"not a whole number: {shown(text)}") from None
     if not 1 <= value <= MAX_LIMIT:
         raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}, not {value}")
     return value
@@ -508,7 +312,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     """The command line's names and paths, checked before anything is opened."""
     for name, what in (("session", "the session id"), ("namespace", "--namespace")):
         if getattr(args, name, None) is not None:
-            _check_name(what, getattr(args, name))
+            check_name(what, getattr(args, name))
     for name in ("db", "config", "file", "output", "fixture"):
         path = getattr(args, name, None)
         if path is not None and (not path or "\x00" in path):
@@ -516,7 +320,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise InvalidInputError(f"{what} is empty" if not path else f"{what} contains NUL")
     query = getattr(args, "query", None)
     if query is not None:
-        _check_unicode("the query", query)
+        check_unicode("the query", query)
         if not query.strip():
             raise InvalidInputError("the query is empty")
 

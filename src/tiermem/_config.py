@@ -7,7 +7,9 @@ Nested values (snapshot strategy, scoring weights, KV shape) are JSON in the env
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ._errors import ConfigError
 
+log = logging.getLogger("tiermem")
 ENV_PREFIX = "TIERMEM_"
 
 
@@ -40,18 +43,27 @@ class NoSnapshots(_Model):
 
 
 class FullSnapshots(_Model):
-    """Snapshot the preserved entries at every clear."""
+    """Snapshot the preserved entries at every clear; keep `max_snapshots` per session."""
 
     kind: Literal["full"] = "full"
-    interval_conversations: int = Field(default=4, ge=1)
+    max_snapshots: int = Field(default=4, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_interval(cls, data: Any) -> Any:
+        return _drop_interval(data)
 
 
 class IncrementalSnapshots(_Model):
     """Snapshot only at conversation-limit clears; keep `max_snapshots` per session."""
 
     kind: Literal["incremental"] = "incremental"
-    interval_conversations: int = Field(default=4, ge=1)
     max_snapshots: int = Field(default=4, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_interval(cls, data: Any) -> Any:
+        return _drop_interval(data)
 
 
 class AdaptiveSnapshots(_Model):
@@ -112,7 +124,6 @@ class KVCacheConfig(_Model):
     # clear decision
     clear_after_conversations: int = Field(default=16, ge=1)
     memory_threshold_percent: float = Field(default=0.6, gt=0.0, le=1.0)
-    max_cache_entries: int = Field(default=1000, ge=1)
     max_cache_bytes: int | None = Field(default=None, ge=1)
     kv_shape: KVShape | None = None
     kv_cache_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
@@ -129,7 +140,8 @@ class KVCacheConfig(_Model):
     retrieve_always: bool = False
     retrieval_mode: Literal["hybrid", "escalating"] = "hybrid"
     retrieval_limit: int = Field(default=20, ge=1, le=1000)
-    retrieval_candidates: int = Field(default=50, ge=1, le=5000)
+    # the bit index proposes 4 candidates per one wanted, at most 4096 (sqlite-vec's k)
+    retrieval_candidates: int = Field(default=50, ge=1, le=1024)
     vector_weight: float = Field(default=0.7, ge=0.0, le=1.0)
     retrieval_neighbour_weight: float = Field(default=0.3, ge=0.0, le=1.0)
     retrieval_query_cues: bool = True
@@ -152,7 +164,9 @@ class KVCacheConfig(_Model):
     max_bytes_per_session: int | None = Field(default=None, ge=1)
     max_bytes_total: int | None = Field(default=None, ge=1)
     max_sessions: int | None = Field(default=None, ge=1)
-    max_entries_per_session: int = Field(default=10_000, ge=1)
+    # entries in one session's active cache; over it, a clear trims it (`max_cache_entries`
+    # is the seed's name for it, still accepted)
+    max_entries_per_session: int = Field(default=1000, ge=1)
     idle_eviction_seconds: float = Field(default=3600.0, gt=0.0)
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     # a message's metadata, as JSON
@@ -164,6 +178,28 @@ class KVCacheConfig(_Model):
     read_only: bool = False
     # SQLite's quick_check at open: a read of the whole file, slow on a big one
     check_on_open: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_names(cls, data: Any) -> Any:
+        for alias, name in (
+            ("max_cache_entries", "max_entries_per_session"),
+            ("memory_threshold_fraction", "memory_threshold_percent"),
+        ):
+            if isinstance(data, dict) and alias in data:
+                data = dict(data)
+                data.setdefault(name, data.pop(alias))
+        return data
+
+    @property
+    def memory_threshold_fraction(self) -> float:
+        """`memory_threshold_percent` says what it is: a fraction of the bytes (0.6)."""
+        return self.memory_threshold_percent
+
+    @property
+    def max_cache_entries(self) -> int:
+        """The seed's name of `max_entries_per_session`."""
+        return self.max_entries_per_session
 
     @model_validator(mode="after")
     def _consistent(self) -> KVCacheConfig:
@@ -198,7 +234,11 @@ class KVCacheConfig(_Model):
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in cls.model_fields:
-                raise ConfigError(f"unknown setting {key} (no field {name!r})")
+                # another program's variable or a typo: said, not fatal to every command
+                close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+                hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
+                log.warning("ignoring %s: tiermem has no setting %r%s", key, name, hint)
+                continue
             values[name] = _parse_env_value(raw)
         return cls.build(**values)
 
@@ -213,6 +253,15 @@ class KVCacheConfig(_Model):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [tiermem] must be a table")
         return cls.from_env(environ, base=table)
+
+
+def _drop_interval(data: Any) -> Any:
+    """`interval_conversations` of the seed's strategies: snapshots are taken at clears, so
+    it never had an effect here; accepted for old configs, said, and dropped."""
+    if isinstance(data, dict) and "interval_conversations" in data:
+        log.warning("snapshot_strategy.interval_conversations has no effect: ignored")
+        data = {k: v for k, v in data.items() if k != "interval_conversations"}
+    return data
 
 
 def _parse_env_value(raw: str) -> Any:

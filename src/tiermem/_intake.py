@@ -14,10 +14,11 @@ import numpy as np
 
 from . import _text as text
 from ._cache import CacheEntry, entry_type
+from ._config import KVCacheConfig
 from ._embedder import Embedder
 from ._errors import InvalidInputError, ModelError
 from ._retrieval import EMBED_MAX_CHARS
-from ._store import MessageKey, MessageRow, NewMessage, SQLiteStore, StateRow
+from ._store import MessageKey, MessageRow, NewMessage, StateRow, Store
 from ._summarizer import TokenCounter
 from ._types import Message
 
@@ -116,6 +117,19 @@ def validate(
     return out
 
 
+async def validate_off_loop(
+    messages: Sequence[Message | Mapping[str, Any]], config: KVCacheConfig
+) -> list[Message]:
+    """`validate`, in a worker thread when megabytes of text are to be encoded and checked."""
+    if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+        size = sum(len(m.content) for m in messages if isinstance(m, Message))
+        if size > LARGE_INPUT_CHARS:
+            return await anyio.to_thread.run_sync(
+                validate, messages, config.max_message_bytes, config.max_metadata_bytes
+            )
+    return validate(messages, config.max_message_bytes, config.max_metadata_bytes)
+
+
 # messages longer than this in total are hashed in a worker thread
 LARGE_INPUT_CHARS = 256 * 1024
 
@@ -136,7 +150,7 @@ class Intake:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         embedder: Embedder,
         tokens: TokenCounter,
         bytes_per_token: int,

@@ -41,7 +41,7 @@ from . import _text as text
 from ._cache import CacheEntry
 from ._config import KVCacheConfig
 from ._embedder import Embedder
-from ._store import MessageRow, SQLiteStore
+from ._store import MessageRow, Store
 
 ESCALATE_TIER2_BELOW = 5
 ESCALATE_TIER3_BELOW = 3
@@ -113,9 +113,7 @@ class SearchOutcome:
 
 
 class Retriever:
-    def __init__(
-        self, store: SQLiteStore, embedder: Embedder | None, config: KVCacheConfig
-    ) -> None:
+    def __init__(self, store: Store, embedder: Embedder | None, config: KVCacheConfig) -> None:
         self._store = store
         self._embedder = embedder
         self._config = config
@@ -140,7 +138,7 @@ class Retriever:
             if reference is not None:
                 cues = query_cues.analyse(opening, reference)
         terms = text.keywords(cues.topic) or text.keywords(opening)
-        nearest: dict[int, list[tuple[int, float]]] = {}
+        nearest: dict[int, Sequence[tuple[int, float]]] = {}
         embedded: list[np.ndarray[Any, Any]] = []
         async with anyio.create_task_group() as tg:
             # the vector pass (a model thread, then the vector connection) runs beside the
@@ -153,7 +151,7 @@ class Retriever:
             snapshot_ids = set(await self._store.snapshot_message_rowids(key))
             pool = await self._store.lexical_search(terms, key, LEXICAL_POOL)
         vector = embedded[0] if embedded else None
-        floor = pool[-1][1] if len(pool) == LEXICAL_POOL else 0.0
+        floor = pool[-1].score if len(pool) == LEXICAL_POOL else 0.0
 
         found: dict[int, Candidate] = {}
         tiers: list[int] = []
@@ -198,7 +196,7 @@ class Retriever:
         query: str,
         vector: np.ndarray[Any, Any] | None,
         embedded: list[np.ndarray[Any, Any]],
-        nearest: dict[int, list[tuple[int, float]]],
+        nearest: dict[int, Sequence[tuple[int, float]]],
     ) -> None:
         """Embed the query (unless its vector is given), then each tier's nearest messages:
         the active cache in memory, the snapshots and the whole history by KNN."""

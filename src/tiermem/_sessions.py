@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 
 from . import _budgets as budgets
-from ._cache import ActiveCache, CacheEntry
+from ._cache import ActiveCache, CacheEntry, Totals
 from ._config import KVCacheConfig
 from ._errors import InvalidInputError, NotFoundError, TierMemError
 from ._intake import Intake, check_name
 from ._locks import KeyedLocks
-from ._store import SQLiteStore, StateRow, SummaryRow
+from ._store import StaleSession, StateRow, Store, SummaryRow
 from ._telemetry import BudgetExceededEvent, EvictionEvent, Telemetry
 
 log = logging.getLogger("tiermem")
 
 Ident = tuple[str, str]  # (namespace, session id)
+T = TypeVar("T")
+# how many times a call starts again on a fresh copy of a session another process changed
+STALE_RETRIES = 8
 
 
 @dataclass(slots=True, eq=False)
@@ -59,6 +63,7 @@ class Sessions:
     def __init__(self) -> None:
         self._live: OrderedDict[Ident, Session] = OrderedDict()
         self.locks = KeyedLocks[Ident]()
+        self._totals = Totals()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -78,21 +83,27 @@ class Sessions:
         return session
 
     def add(self, session: Session) -> None:
+        self.remove(session.ident)
         self._live[session.ident] = session
+        session.cache.count_in(self._totals)
 
     def remove(self, ident: Ident) -> Session | None:
-        return self._live.pop(ident, None)
+        session = self._live.pop(ident, None)
+        if session is not None:
+            session.cache.count_in(None)
+        return session
 
     def clear(self) -> None:
-        self._live.clear()
+        for ident in list(self._live):
+            self.remove(ident)
 
     @property
     def kv_bytes(self) -> int:
-        return sum(s.cache.kv_bytes for s in self._live.values())
+        return self._totals.kv_bytes
 
     @property
     def entries(self) -> int:
-        return sum(len(s.cache.entries) for s in self._live.values())
+        return self._totals.entries
 
 
 class SessionMemory:
@@ -102,7 +113,7 @@ class SessionMemory:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         intake: Intake,
         config: Callable[[], KVCacheConfig],
         telemetry: Telemetry,
@@ -111,7 +122,7 @@ class SessionMemory:
     ) -> None:
         self.sessions = Sessions()
         self._store = store
-        self._intake = intake
+        self.intake = intake
         self._config = config
         self._telemetry = telemetry
         self._clock = clock
@@ -143,6 +154,22 @@ class SessionMemory:
                 raise
         await self.hold_budget()
 
+    async def held(
+        self, ident: Ident, work: Callable[[Session], Awaitable[T]], create: bool = False
+    ) -> T:
+        """`work` on the session under its lock; when another process changed the session
+        since this one read it (nothing of this attempt was written), again on a fresh
+        copy."""
+        for attempt in range(STALE_RETRIES):
+            try:
+                async with self.use(ident):
+                    return await work(await self.get(ident[1], ident[0], create))
+            except StaleSession:
+                if attempt == STALE_RETRIES - 1:
+                    raise
+                await anyio.sleep(0.002 * attempt)
+        raise AssertionError("unreachable")
+
     async def get(self, session_id: str, namespace: str, create: bool) -> Session:
         """The session in memory (the caller holds its lock), checked against the database
         (another process may have changed or deleted it) and rebuilt from it if it left
@@ -151,9 +178,9 @@ class SessionMemory:
         session = self.sessions.use(ident)
         if session is not None:
             current = await self._store.session_version(session.key)
-            if current is not None and current[0] == session.state.version:
+            if current is not None and current.version == session.state.version:
                 covered = session.summary.covered_through if session.summary else -1
-                if current[1] != covered:  # another process wrote the summary
+                if current.summary_covered_through != covered:  # another process wrote it
                     session.summary = await self._store.summary(session.key)
                 self.hits += 1
                 return session
@@ -168,7 +195,7 @@ class SessionMemory:
         rows = await self._store.messages_by_rowid(state.pinned or [])
         rows += await self._store.messages_between(key, state.cleared_through)
         embedded = self._config().generate_cache_embeddings
-        session.cache.add(await self._intake.entries(rows, embedded))
+        session.cache.add(await self.intake.entries(rows, embedded))
         for entry in session.cache.entries:
             access, engagement = (state.entry_stats or {}).get(str(entry.rowid), (0, 0.0))
             entry.access_count, entry.engagement = int(access), float(engagement)
@@ -266,6 +293,13 @@ class SessionMemory:
             session.key, session.state.version, stats
         ):
             session.state.entry_stats = stats
+
+    async def flush_quietly(self, session: Session) -> None:
+        """`flush`, with a failure logged (at shutdown: the figures are soft)."""
+        try:
+            await self.flush(session)
+        except TierMemError as exc:
+            log.warning("could not flush session %r: %s", session.session_id, exc)
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.sessions.kv_bytes)

@@ -12,6 +12,9 @@ HISTORY_LIMIT = 100
 
 class CacheStatistics:
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.total_clears = 0
         self.total_retrievals = 0
         self.entries_preserved = 0

@@ -18,13 +18,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ._errors import TierMemError
 from ._locks import KeyedLocks
-from ._store import SQLiteStore, SummaryRow
+from ._store import Store, SummaryRow
 from ._summarizer import Summarizer, TranscriptLine
+from ._telemetry import SummaryEvent, Telemetry
+
+if TYPE_CHECKING:
+    from ._sessions import Ident, Session
 
 log = logging.getLogger("tiermem._summaries")
 
@@ -48,16 +53,73 @@ class SummaryOutcome:
 
 
 class SummaryKeeper:
-    """Runs summary updates for every session of a manager, inline or in the background."""
+    """Runs summary updates for every session of a manager, inline or in the background,
+    and hands each new summary to the session it was written for (if it is in memory)."""
 
     def __init__(
-        self, store: SQLiteStore, summarizer: Summarizer, clock: Callable[[], float]
+        self,
+        store: Store,
+        summarizer: Summarizer | None,
+        clock: Callable[[], float],
+        telemetry: Telemetry,
+        find: Callable[[Ident], Session | None],
     ) -> None:
         self._store = store
         self._summarizer = summarizer
         self._clock = clock
+        self._telemetry = telemetry
+        self._find = find  # the session in memory now, by (namespace, session id)
         self._locks = KeyedLocks[int]()
         self._jobs: dict[int, _Job] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._summarizer is not None
+
+    def catch_up(self, session: Session) -> bool:
+        """Start a background update if the session's clears are not all summarized yet
+        (after a clear, or at load: a span left pending at shutdown). True if one was."""
+        summary, state = session.summary, session.state
+        if self._summarizer is None or state.clear_count <= (summary.clear_count if summary else 0):
+            return False
+        if not self.due(summary.covered_through if summary else -1, state.cleared_through):
+            return False
+        key, ident = session.key, session.ident
+        self.schedule(key, lambda outcome: self.landed(key, ident, outcome))
+        return True
+
+    async def update_now(self, session: Session, through: int, clear_count: int) -> SummaryOutcome:
+        """An inline update up to `through`: the clearing turn waits for it."""
+        if self._summarizer is None:
+            return SummaryOutcome(None, "no summarizer configured")
+        outcome = await self.update(session.key, through, clear_count)
+        self.landed(session.key, session.ident, outcome)
+        return outcome
+
+    def landed(self, key: int, ident: Ident, outcome: SummaryOutcome) -> None:
+        """Report an update, and hand its summary to the session in memory if it is the
+        one the summary was written for (keys are never reused)."""
+        new = outcome.summary
+        if new is None and outcome.error is None:
+            return  # nothing was due
+        self._telemetry.emit(
+            SummaryEvent(
+                ident[1],
+                ident[0],
+                outcome.duration_ms,
+                new.token_count if new else 0,
+                outcome.messages,
+                outcome.error,
+            )
+        )
+        holder = self._find(ident)
+        if (
+            new is not None
+            and holder is not None
+            and holder.key == key
+            and (holder.summary is None or holder.summary.covered_through < new.covered_through)
+        ):
+            holder.summary = new
 
     @property
     def pending(self) -> int:
@@ -92,6 +154,7 @@ class SummaryKeeper:
                 if r.content.strip() and r.role != "system"
             ]
             started = time.perf_counter()
+            assert self._summarizer is not None
             try:
                 result = await self._summarizer.summarize(prior.text if prior else None, lines)
             except Exception as exc:  # any failure of the summarizer is the summary's only

@@ -72,6 +72,22 @@ class ClearReason(enum.StrEnum):
     ERROR_RECOVERY = "ErrorRecovery"
 
 
+class EvictionReason(enum.StrEnum):
+    """Why a session left memory (flushed first: it comes back on its next call)."""
+
+    MEMORY_BUDGET = "MemoryBudget"
+    SESSION_LIMIT = "SessionLimit"
+    IDLE = "Idle"
+
+
+class Tier(enum.IntEnum):
+    """Where a hit came from: the active cache, the snapshots, or the whole history."""
+
+    ACTIVE_CACHE = 1
+    SNAPSHOTS = 2
+    HISTORY = 3
+
+
 class OperationType(enum.StrEnum):
     CLEAR = "Clear"
     RETRIEVE = "Retrieve"
@@ -134,11 +150,17 @@ class RetrievedEntry:
 
     text: str
     similarity_score: float
-    source_tier: int
+    source_tier: Tier
     message_ids: list[str]
     matched_keywords: list[str]
     role: str
     created_at: datetime
+
+    @property
+    def relevance(self) -> float:
+        """The fused relevance score in [0, 1] (lexical, vector and cues; the contract
+        names it `similarity_score`)."""
+        return self.similarity_score
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +170,10 @@ class RetrievalResult:
     tiers_searched: list[int]
     search_duration_ms: float
     keywords_used: list[str]
+
+    @property
+    def average_relevance(self) -> float:
+        return self.average_similarity
 
     @property
     def average_similarity(self) -> float:
@@ -185,6 +211,16 @@ class CacheProcessingResult:
     slid_out_message_ids: list[str] = field(default_factory=list)
     # the turn was stored (and cleared, if due) but its retrieval failed: why
     retrieval_error: str | None = None
+
+    @property
+    def cleared(self) -> bool:
+        """The cache was cleared in this turn (the contract's `should_clear_cache`)."""
+        return self.should_clear_cache
+
+    @property
+    def retrieved(self) -> bool:
+        """Hits were retrieved in this turn (the contract's `should_retrieve`)."""
+        return self.should_retrieve
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 -- Sessions, their messages (with full-text index), per-session state, snapshots and
--- cumulative summaries. Vector tables depend on the embedding model's dimension and are
--- created by the store (see store.py), which records the model in `meta`.
+-- cumulative summaries. Vector tables depend on the embedding model's dimension: the store
+-- made them when it opened, until migration 10 (a Python step) took that over.
 
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,

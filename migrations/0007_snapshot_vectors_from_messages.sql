@@ -4,7 +4,7 @@
 -- for every session with a snapshot.
 -- The message bit index is dropped too: the store makes it again with chunks of 256
 -- vectors instead of 1,024 (14 KB instead of 57 KB held by every session, however small)
--- and fills it from `message_embeddings` (see store.py).
+-- and fills it from `message_embeddings` (migration 10 since).
 
 DROP TABLE IF EXISTS snapshot_entry_vectors;
 

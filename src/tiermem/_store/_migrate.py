@@ -1,10 +1,19 @@
-"""Migrations runner: applies the numbered `.sql` files shipped in `tiermem/migrations`,
-each in its own transaction, and records them in `schema_migrations`.
+"""Migrations runner: applies the numbered `.sql` files of `migrations/`, each in its own
+transaction, and records them in its table, `schema_migrations` (version, name, when).
 
-A migration whose text holds the line `-- migrate: rebuilds tables` runs with foreign keys
-off and is checked with `PRAGMA foreign_key_check` before its commit: SQLite's procedure for
-the schema changes ALTER TABLE cannot make (create new_X, copy, drop X, rename new_X to X),
-where a DROP with foreign keys on would cascade to every row pointing at X.
+Every schema object comes from a migration. Two directives, each a line of the file:
+- `-- migrate: rebuilds tables`: the migration runs with foreign keys off and is checked
+  with `PRAGMA foreign_key_check` before its commit: SQLite's procedure for the schema
+  changes ALTER TABLE cannot make (create new_X, copy, drop X, rename new_X to X), where a
+  DROP with foreign keys on would cascade to every row pointing at X.
+- `-- migrate: python NAME`: after the file's statements, the Python step NAME (see
+  `_steps.py`) runs in the same transaction with the runtime `Parameters` (the embedding
+  model and its dimension): what SQL cannot say, such as a vec0 table whose width is the
+  embedding model's.
+
+The folder is the repository's top-level `migrations/`; the wheel carries it as
+`tiermem/migrations` (hatch force-include), so an installed package and a checkout read
+the same files.
 """
 
 from __future__ import annotations
@@ -15,12 +24,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
-from ._errors import StorageError
+import pysqlite3.dbapi2 as sqlite3
+
+from .._errors import StorageError
+from ._steps import STEPS, Parameters, Step
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _REBUILDS_TABLES = re.compile(r"^-- migrate: rebuilds tables\s*$", re.MULTILINE)
+_PYTHON_STEP = re.compile(r"^-- migrate: python ([a-z0-9_]+)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,20 +43,42 @@ class Migration:
     version: int
     name: str
     sql: str
+    # run after the statements, in their transaction, with the runtime parameters
+    step: Step | None = None
 
     @property
     def rebuilds_tables(self) -> bool:
         """Whether it must run with foreign keys off (see the module docstring)."""
         return bool(_REBUILDS_TABLES.search(self.sql))
 
+    @classmethod
+    def of(cls, version: int, name: str, sql: str) -> Migration:
+        """The migration of a file, its Python step (if it names one) found in `STEPS`."""
+        match = _PYTHON_STEP.search(sql)
+        if match and match[1] not in STEPS:
+            raise RuntimeError(f"migration {version} ({name}) names no known step {match[1]!r}")
+        return cls(version, name, sql, STEPS[match[1]] if match else None)
+
+
+def folder() -> Traversable:
+    """Where the migrations are: `tiermem/migrations` in an installed wheel, else (a
+    checkout, or an editable install running from `src/`) the repository's top level."""
+    packaged = resources.files("tiermem").joinpath("migrations")
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(str(resources.files("tiermem"))).parent.parent / "migrations"
+    if checkout.is_dir():
+        return checkout
+    raise StorageError(f"tiermem's migrations are missing (neither {packaged} nor {checkout})")
+
 
 def available() -> list[Migration]:
     """Every migration shipped with the package, in version order."""
     found = []
-    for entry in resources.files("tiermem").joinpath("migrations").iterdir():
+    for entry in folder().iterdir():
         match = _NAME.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+            found.append(Migration.of(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
@@ -49,9 +86,15 @@ def available() -> list[Migration]:
     return found
 
 
-def apply(conn: Any, migrations: Sequence[Migration] | None = None) -> list[int]:
+def apply(
+    conn: Any,
+    migrations: Sequence[Migration] | None = None,
+    *,
+    params: Parameters | None = None,
+) -> list[int]:
     """Bring a (blocking DB-API) connection up to date with `migrations` (default: those
-    shipped); returns the versions applied now.
+    shipped); returns the versions applied now. `params` go to the Python steps (one that
+    needs them refuses to run without).
 
     `BEGIN IMMEDIATE` takes the write lock first, so two processes opening one new file
     cannot both apply the same migration.
@@ -66,7 +109,7 @@ def apply(conn: Any, migrations: Sequence[Migration] | None = None) -> list[int]
     applied_now = []
     for migration in known:
         with _foreign_keys_off(conn) if migration.rebuilds_tables else nullcontext():
-            if _apply_one(conn, migration):
+            if _apply_one(conn, migration, params):
                 applied_now.append(migration.version)
     return applied_now
 
@@ -116,7 +159,7 @@ def pending(conn: Any) -> list[Migration]:
     return [m for m in known if m.version not in done]
 
 
-def _apply_one(conn: Any, migration: Migration) -> bool:
+def _apply_one(conn: Any, migration: Migration, params: Parameters | None) -> bool:
     """Apply `migration` unless recorded already; True if applied now."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -126,6 +169,13 @@ def _apply_one(conn: Any, migration: Migration) -> bool:
         if not done:
             for statement in _statements(migration.sql):
                 conn.execute(statement)
+            if migration.step is not None:
+                if params is None:
+                    raise StorageError(
+                        f"migration {migration.version} ({migration.name}) needs the "
+                        "embedding model's parameters"
+                    )
+                migration.step(conn, params)
             if migration.rebuilds_tables:
                 broken = conn.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
@@ -158,8 +208,6 @@ def _foreign_keys_off(conn: Any) -> Iterator[None]:
 
 def _statements(sql: str) -> list[str]:
     """Split a script into complete statements (`executescript` would commit on its own)."""
-    import pysqlite3.dbapi2 as sqlite3
-
     statements, buffer = [], ""
     for line in sql.splitlines(keepends=True):
         if not buffer and line.strip().startswith("--"):

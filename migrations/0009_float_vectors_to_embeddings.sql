@@ -1,0 +1,6 @@
+-- migrate: python move_float_vectors
+-- Files made before migration 4 keep their message vectors in `message_vectors`, a float
+-- vec0 table that the store made beside the migrations (its width was the embedding
+-- model's): they move into `message_embeddings`, and the table goes. A Python step
+-- (`move_float_vectors`, tiermem/_store/_steps.py), since only those files have the table;
+-- until this migration the store did this at every open.

@@ -1,0 +1,7 @@
+-- migrate: python message_index
+-- `message_index`, the vec0 table of the message vectors' sign bits partitioned by session
+-- (chunks of 256 vectors), filled from `message_embeddings`, and the embedding model and
+-- dimension recorded in `meta`. A Python step (`message_index`, tiermem/_store/_steps.py):
+-- the bit width is the embedding model's dimension, a runtime parameter. Until this
+-- migration the store made the index at open; files it made then keep theirs (`meta`,
+-- checked before any migration runs, holds the same dimension).
