@@ -5,6 +5,9 @@ through the library they check."""
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,3 +74,20 @@ def assert_whole(path: Path | str, *, embedded: bool = True) -> dict[str, int]:
         assert n["message_embeddings"] == n["message_index"], n
     assert half_snapshots(path) == []
     return n
+
+
+@contextlib.contextmanager
+def full_disk(path: Path | str, room: int = 0) -> Iterator[None]:
+    """While inside, no file of this process may grow past the largest of the database's
+    files as they are now, plus `room` bytes (RLIMIT_FSIZE), as on a full disk or a spent
+    quota: SQLite's write that needs more fails (EFBIG: SQLite says "disk I/O error")."""
+    # the signal the kernel sends on EFBIG is ignored by Python, or the process would die
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    files = [f"{path}{suffix}" for suffix in ("", "-wal")]
+    limit = max(os.path.getsize(f) for f in files if os.path.exists(f)) + room
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tiermem
+from tests import rawfile
 from tests.fakes import HashingEmbedder
 from tests.test_manager import turn
 from tiermem import Message
@@ -86,8 +87,11 @@ async def test_queries_with_fts_syntax_are_plain_text(
     manager: tiermem.KVCacheManager, query: str
 ) -> None:
     await manager.process_conversation("s", turn(0, "DROP TABLE messages is scary content"))
-    result = await manager.retrieve_context("s", query)
-    assert isinstance(result.entries, list)
+    await manager.retrieve_context("s", query)  # no error
+    # the syntax around a word does not change what the word finds
+    result = await manager.retrieve_context("s", f"{query} scary")
+    assert "DROP TABLE messages is scary content" in [e.text for e in result.entries]
+    assert "scary" in result.keywords_used
     assert len(await manager.get_conversation_history("s")) == 2
 
 
@@ -140,18 +144,15 @@ async def test_a_corrupt_database_file_is_refused_untouched(
 
 
 async def test_a_full_disk_fails_the_turn_and_keeps_what_was_stored(
-    manager: tiermem.KVCacheManager,
+    manager: tiermem.KVCacheManager, db_path: Path
 ) -> None:
     await manager.process_conversation("s", turn(0))
-    pages = await manager._store._read_one("PRAGMA page_count")
-    assert pages is not None
-    await manager._store._writer.execute(f"PRAGMA max_page_count = {pages[0] + 2}")
     huge = "words that fill the disk " * 20_000
-    with pytest.raises(tiermem.StorageError, match="full"):
+    with rawfile.full_disk(db_path), pytest.raises(tiermem.StorageError, match="disk"):
         await manager.process_conversation("s", [Message("user", huge, id="huge")])
     assert [m.id for m in await manager.get_conversation_history("s")] == ["u0", "a0"]
-    await manager._store._writer.execute("PRAGMA max_page_count = 1073741823")  # space again
-    result = await manager.process_conversation("s", turn(1))
+    rawfile.assert_whole(db_path)
+    result = await manager.process_conversation("s", turn(1))  # room again
     assert result.updated_session_state.message_count == 4
     assert [m.id for m in await manager.get_conversation_history("s")] == ["u0", "a0", "u1", "a1"]
 
@@ -194,8 +195,9 @@ async def test_a_read_only_database_file_serves_reads_and_is_kept(
     try:
         async with await open_manager() as mgr:
             assert [s.session_id for s in await mgr.list_sessions()] == ["s"]
-            assert await mgr.get_conversation_history("s")
-            await mgr.retrieve_context("s", "what did we plan?")
+            assert [m.id for m in await mgr.get_conversation_history("s")] == ["u0", "a0"]
+            hits = await mgr.retrieve_context("s", "what about the weather?")
+            assert "small talk number 0 about the weather" in [e.text for e in hits.entries]
             with pytest.raises(tiermem.StorageError, match="read-only"):
                 await mgr.process_conversation("s", turn(1))
     finally:

@@ -18,7 +18,7 @@ from tiermem import (
     KVCacheConfig,
     Message,
 )
-from tiermem._sessions import Sessions
+from tiermem._locks import KeyedLocks
 
 TURN_BYTES = 11 * 128  # a `turn(i)`: 7 + 4 words, 128 B per token
 
@@ -248,12 +248,12 @@ def test_invalid_budgets_are_refused() -> None:
 
 
 async def test_session_locks_exist_only_while_used() -> None:
-    sessions = Sessions().locks  # the summaries' per-session locks are the same kind
-    ident = ("ns", "s")
+    locks = KeyedLocks[tuple[str, str]]()  # the sessions' and the summaries' locks
+    ident, other = ("ns", "s"), ("ns", "t")
     order: list[str] = []
 
     async def user(name: str, hold: anyio.Event) -> None:
-        async with sessions.hold(ident):
+        async with locks.hold(ident):
             order.append(name)
             await hold.wait()
 
@@ -261,14 +261,13 @@ async def test_session_locks_exist_only_while_used() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(user, "first", first)
         tg.start_soon(user, "second", second)
-        await anyio.sleep(0.01)
-        assert sessions.busy(ident) and order == ["first"]
+        await anyio.wait_all_tasks_blocked()
+        assert locks.busy(ident) and order == ["first"] and not locks.busy(other)
         first.set()
-        await anyio.sleep(0.01)
-        assert sessions.busy(ident) and order == ["first", "second"]
+        await anyio.wait_all_tasks_blocked()
+        assert locks.busy(ident) and order == ["first", "second"]
         second.set()
-    assert not sessions.busy(ident)
-    assert sessions._locks == {}
+    assert not locks.busy(ident)
 
 
 async def test_status_totals_follow_every_change_of_every_session(

@@ -9,7 +9,6 @@ import contextlib
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -304,19 +303,31 @@ def test_a_model_error_is_500_and_does_not_show_server_paths(tmp_path: Path) -> 
 # -- crashes over a real server -----------------------------------------------------------------
 
 
+class _Server(uvicorn.Server):
+    """Sets `ready` once its startup has ended, listening or failed."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: Any = None) -> None:
+        try:
+            await super().startup(sockets)
+        finally:
+            self.ready.set()
+
+
 @contextlib.contextmanager
 def serving(app: Starlette) -> Iterator[str]:
     """The app under uvicorn on a free loopback port, in a thread; its base URL."""
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, http="h11", ws="none", lifespan="on", log_level="warning"
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
-        while not server.started:
-            assert thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
+        assert server.ready.wait(60) and server.started, "the server did not start"
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         yield f"http://{host}:{port}"
     finally:

@@ -1,11 +1,13 @@
 """The manager loop on fakes: clears, preservation, snapshots, summaries, bridges, tiers."""
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tiermem
+from tests import rawfile
 from tests.conftest import SHAPE
 from tests.fakes import RecordingSummarizer
 from tiermem import ClearReason, KVCacheConfig, Message
@@ -276,14 +278,17 @@ async def test_restart_recovery(open_manager: Callable[..., Any]) -> None:
         await mgr.aclose()
 
 
-async def test_delete_session_leaves_nothing(manager: tiermem.KVCacheManager) -> None:
+async def test_delete_session_leaves_nothing(
+    manager: tiermem.KVCacheManager, db_path: Path
+) -> None:
     await run_turns(manager, 17, sid="gone")
     await run_turns(manager, 2, sid="kept")
+    before = rawfile.counts(db_path)
+    assert before["kv_snapshots"] > 0 and before["session_summaries"] > 0
     assert await manager.delete_session("gone") is True
-    counts = await manager._store.counts()
+    counts = rawfile.assert_whole(db_path)  # no index row left behind either
     kept = len(await manager.get_conversation_history("kept"))
-    assert counts["messages"] == counts["messages_fts"] == kept
-    assert counts["message_embeddings"] == counts["message_index"] == kept
+    assert kept == 5 and counts["messages"] == kept
     assert counts["kv_snapshots"] == counts["kv_snapshot_entries"] == 0
     assert counts["session_summaries"] == 0
     assert counts["sessions"] == 1

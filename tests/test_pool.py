@@ -6,8 +6,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tiermem import BudgetError, ModelError
-from tiermem._pool import ModelPool
+from tiermem import BudgetError, ModelError, ModelPool
 
 
 class Loader:
@@ -87,14 +86,21 @@ async def test_explicit_unload_and_close() -> None:
 
 async def test_concurrent_users_share_one_load() -> None:
     pool, loaders = pool_of(None, a=1)
+    inside = 0
+    all_in = anyio.Event()
 
     async def use() -> None:
+        nonlocal inside
         async with pool.use("a"):
-            await anyio.sleep(0.01)
+            inside += 1
+            if inside == 5:
+                all_in.set()
+            await all_in.wait()  # the five hold the model at once
 
-    async with anyio.create_task_group() as tg:
-        for _ in range(5):
-            tg.start_soon(use)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(use)
     assert loaders["a"].loaded == 1 and pool.stats()["hits"] == 4
 
 

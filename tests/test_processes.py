@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import anyio
-import pysqlite3.dbapi2 as sqlite3
 import pytest
-import sqlite_vec
 
 import tiermem
+from tests import rawfile
 from tests.conftest import SHAPE
 from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
 
@@ -41,7 +40,7 @@ def plan(worker: int) -> list[tuple[str, str]]:
 # writes what it sees of every session
 WORKER = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, sys
     sys.path.insert(0, {root!r})
     import anyio, tiermem
     from tests.conftest import SHAPE
@@ -73,9 +72,7 @@ WORKER = textwrap.dedent(
                     hits = await mgr.retrieve_context(sid, "which secret?", namespace=ns)
                     leaks += sum(not h.text.startswith(ns + " ") for h in hits.entries)
         open(os.path.join(folder, f"done-{{worker}}"), "w").write(str(leaks))
-        while not all(os.path.exists(os.path.join(folder, f"done-{{w}}"))
-                      for w in range(WORKERS)):
-            time.sleep(0.05)
+        sys.stdin.read()  # the parent closes it once every worker is done
         sessions = set(SHARED) | {{(ns, sid) for w in range(WORKERS) for ns, sid in plan(w)}}
         view = {{}}
         for ns, sid in sorted(sessions):
@@ -96,9 +93,15 @@ def start(folder: Path, worker: int) -> subprocess.Popen[bytes]:
     with open(folder / f"stderr-{worker}", "ab") as err:  # the child keeps its own copy
         return subprocess.Popen(
             [sys.executable, "-c", WORKER, str(folder), str(worker)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
+
+
+def close_stdin(worker: subprocess.Popen[bytes]) -> None:
+    assert worker.stdin is not None
+    worker.stdin.close()
 
 
 async def file_view(folder: Path) -> dict[str, list[object]]:
@@ -129,6 +132,7 @@ def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
     rng = random.Random(7)
     workers = {w: start(tmp_path, w) for w in range(WORKERS)}
     kills = 0
+    released = False
     deadline = time.monotonic() + 600
     while any(p.poll() is None for p in workers.values()) and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.5, 2.5))
@@ -138,19 +142,21 @@ def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
             victim = rng.choice(unfinished)
             workers[victim].send_signal(signal.SIGKILL)
             workers[victim].wait()
+            close_stdin(workers[victim])
             kills += 1
             workers[victim] = start(tmp_path, victim)
+        if not released and all((tmp_path / f"done-{w}").exists() for w in range(WORKERS)):
+            for p in workers.values():  # every worker is done: all may read the file now
+                close_stdin(p)
+            released = True
     for w, p in workers.items():
+        close_stdin(p)
         p.wait(timeout=120)
         err = (tmp_path / f"stderr-{w}").read_text()
         assert p.returncode == 0, f"worker {w} failed:\n{err[-3000:]}"
     assert kills >= 4
 
-    conn = sqlite3.connect(str(tmp_path / "shared.db"))
-    conn.enable_load_extension(True)
-    sqlite_vec.load(conn)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
+    rawfile.assert_whole(tmp_path / "shared.db")
 
     truth = anyio.run(file_view, tmp_path)
     expected: dict[str, list[str]] = {}
@@ -172,10 +178,9 @@ def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
         assert json.loads((tmp_path / f"view-{w}").read_text()) == truth, f"worker {w}"
         assert (tmp_path / f"done-{w}").read_text() == "0", f"worker {w} saw another tenant"
     # no message text of one namespace is stored under the other
-    conn = sqlite3.connect(str(tmp_path / "shared.db"))
-    crossed = conn.execute(
-        "SELECT COUNT(*) FROM messages m JOIN sessions s ON s.id = m.session_key "
-        "WHERE m.content NOT LIKE s.namespace || ' keeps secret %'"
-    ).fetchone()[0]
-    conn.close()
+    with rawfile.reading(tmp_path / "shared.db") as conn:
+        crossed = conn.execute(
+            "SELECT COUNT(*) FROM messages m JOIN sessions s ON s.id = m.session_key "
+            "WHERE m.content NOT LIKE s.namespace || ' keeps secret %'"
+        ).fetchone()[0]
     assert crossed == 0

@@ -186,16 +186,15 @@ def test_loading_the_gguf_does_not_swallow_the_hosts_output(
 
 
 async def test_a_generation_queued_behind_another_is_not_timed_out_by_the_wait() -> None:
-    from tiermem._llm import LlamaChat
-    from tiermem._pool import ModelPool
-
-    chat = LlamaChat(bundled_gguf_path(), 512, None, ModelPool(), 1)
+    chat = tiermem.LlamaChat(bundled_gguf_path(), 512, None, tiermem.ModelPool(), 1)
     pool = chat.pool
     try:
         busy = anyio.Event()
 
-        async def other_call() -> None:  # holds the model the way a running call does
-            async with chat._limiter:
+        # holds the model the way a running call does, for longer than the queued call's
+        # timeout: no public call holds it for a known time (a generation's length varies)
+        async def other_call() -> None:
+            async with chat._limiter:  # private: the one-call-at-a-time limiter
                 busy.set()
                 await anyio.sleep(1.5)
 

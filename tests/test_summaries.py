@@ -1,10 +1,12 @@
 """Background summaries: a clearing turn does not wait for the LLM, nothing is lost."""
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 
 import tiermem
 from tests.conftest import SHAPE
@@ -101,22 +103,32 @@ async def test_shutdown_waits_for_a_model_call_in_its_thread(
 ) -> None:
     """A summary running in a worker thread when `aclose` gives up waiting is stopped and
     awaited, not abandoned: the model must not be closed under a running call."""
-    import time
+    started = anyio.Event()
+    release = threading.Event()
+    order: list[str] = []
 
     class ThreadedSummarizer(RecordingSummarizer):
-        finished = False
-
         async def summarize(self, prior: str | None, transcript: Any) -> Any:
             def generate() -> None:
-                time.sleep(0.3)
-                ThreadedSummarizer.finished = True
+                anyio.from_thread.run_sync(started.set)
+                release.wait(30)
+                order.append("generation ended")
 
             await anyio.to_thread.run_sync(generate)
             raise tiermem.ModelError("generation stopped: the model is shutting down")
 
-    config = BACKGROUND.replace(summary_close_wait_seconds=0.05)
+    config = BACKGROUND.replace(summary_close_wait_seconds=0)  # gives up at once
     mgr = await open_manager(config=config, summarizer=ThreadedSummarizer())
     await run_turns(mgr, 16)
-    await anyio.sleep(0.05)  # the summary's thread is running
-    await mgr.aclose()
-    assert ThreadedSummarizer.finished
+
+    async def close() -> None:
+        await mgr.aclose()
+        order.append("closed")
+
+    async with anyio.create_task_group() as tg:
+        await started.wait()  # the summary's thread is running
+        tg.start_soon(close)
+        await anyio.wait_all_tasks_blocked()  # aclose has given up and waits for the thread
+        assert order == []
+        release.set()
+    assert order == ["generation ended", "closed"]
