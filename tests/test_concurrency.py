@@ -149,15 +149,7 @@ async def test_an_unclosed_manager_warns_and_keeps_what_it_stored(
         assert [m.id for m in await again.get_conversation_history("s")] == ["m0"]
 
 
-@pytest.mark.slow  # waits out its deadline while the library leaks
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.TimeoutExpired,
-    reason="library: an unclosed manager, collected, leaves its reader connections' "
-    "threads running (aiosqlite's worker keeps its last call, a bound method of the "
-    "connection, so the connection is never collected nor its thread stopped): the "
-    "process cannot exit",
-)
+@pytest.mark.slow
 def test_an_unclosed_manager_does_not_keep_the_process_alive(db_path: Path) -> None:
     child = drop_unclosed(db_path, exit_now=False)
     try:
