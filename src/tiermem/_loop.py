@@ -21,12 +21,12 @@ from . import _text as text
 from ._boundary import convert as library_error
 from ._config import KVCacheConfig
 from ._errors import NotFoundError, TierMemError
-from ._intake import Intake
+from ._opening import Parts
 from ._retrieval import Retriever
 from ._scoring import ImportanceScorer
 from ._sessions import Ident, Session, SessionMemory
 from ._statistics import CacheStatistics
-from ._store import StaleSession, Store
+from ._store import StaleSession
 from ._summaries import SummaryKeeper, SummaryOutcome
 from ._telemetry import (
     BudgetExceededEvent,
@@ -56,28 +56,24 @@ class MemoryLoop:
 
     def __init__(
         self,
-        store: Store,
-        intake: Intake,
+        parts: Parts,
         memory: SessionMemory,
         summaries: SummaryKeeper,
         telemetry: Telemetry,
         clock: Callable[[], float],
-        context_tokens: int | None,
         max_cache_bytes: Callable[[], int],
-        config: KVCacheConfig,
-        embedder: Any,
     ) -> None:
-        self._store = store
-        self._intake = intake
+        self._store = parts.store
+        self._intake = memory.intake
         self._memory = memory
         self._summaries = summaries
         self._telemetry = telemetry
         self._clock = clock
-        self._window = context_tokens
+        self._window = parts.context_tokens
         self._max_cache_bytes = max_cache_bytes
-        self._embedder = embedder
+        self._embedder = parts.embedder
         self.stats = CacheStatistics()
-        self.configure(config)
+        self.configure(parts.config)
 
     def configure(self, config: KVCacheConfig) -> None:
         self.config = config

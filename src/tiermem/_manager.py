@@ -81,16 +81,7 @@ class KVCacheManager:
             parts.store, parts.summarizer, clock, self._telemetry, self._sessions.get
         )
         self._loop = MemoryLoop(
-            parts.store,
-            intake,
-            self._memory,
-            self._summaries,
-            self._telemetry,
-            clock,
-            parts.context_tokens,
-            self.max_cache_bytes,
-            parts.config,
-            parts.embedder,
+            parts, self._memory, self._summaries, self._telemetry, clock, self.max_cache_bytes
         )
         self._calls = Calls()
         self._closed = False  # everything flushed and closed
@@ -139,7 +130,7 @@ class KVCacheManager:
             try:
                 await self._calls.close(self._config.close_wait_seconds)
                 cancelled = await self._summaries.aclose(
-                    self._config.summary_close_wait_seconds, self._stop_models
+                    self._config.summary_close_wait_seconds, self._parts.stop_models
                 )
                 if cancelled:
                     log.warning("%d summaries left pending at shutdown", cancelled)
@@ -152,10 +143,6 @@ class KVCacheManager:
                 await self._store.close()
                 await self._parts.pool.aclose()
 
-    def _stop_models(self) -> None:
-        for stop in self._parts.stoppers:
-            stop()
-
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self._closed = True
@@ -165,9 +152,6 @@ class KVCacheManager:
                 ResourceWarning,
                 stacklevel=2,
             )
-
-    def _check_open(self) -> None:
-        self._calls.check_open()
 
     def _call(self) -> AbstractAsyncContextManager[None]:
         return self._calls.enter()
@@ -190,7 +174,7 @@ class KVCacheManager:
     def update_config(self, config: KVCacheConfig | None = None, **changes: Any) -> KVCacheConfig:
         """Replace the config (or change some fields). Settings read at `open()` (the
         models, the KV shape, the window, storage options) cannot change: `ConfigError`."""
-        self._check_open()
+        self._calls.check_open()
         new = config if config is not None else self._config.replace(**changes)
         check_changeable(self._config, new)
         self._config = new

@@ -77,6 +77,11 @@ class Parts:
     pool: ModelPool
     stoppers: list[Callable[[], None]] = field(default_factory=list)
 
+    def stop_models(self) -> None:
+        """Stop the bundled models' calls in progress (at shutdown)."""
+        for stop in self.stoppers:
+            stop()
+
     def max_cache_bytes(self, config: KVCacheConfig) -> int:
         """The KV bytes the memory threshold is measured against: configured, or the
         model's window, or (no model shape known) 25% of available RAM in [256 MB, 8 GB]."""
