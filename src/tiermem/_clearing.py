@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from . import _budgets as budgets
 from ._budgets import Excess, SessionBudget
 from ._cache import ActiveCache, CacheEntry
-from ._config import AdaptiveSnapshots, FullSnapshots, IncrementalSnapshots, KVCacheConfig
+from ._config import (
+    AdaptiveSnapshots,
+    FullSnapshots,
+    IncrementalSnapshots,
+    KVCacheConfig,
+    NoSnapshots,
+)
 from ._store import SnapshotEntryRow, StateRow
 from ._types import ClearReason
 
@@ -91,9 +97,7 @@ def snapshot_plan(
 def max_snapshots(config: KVCacheConfig) -> int | None:
     """How many snapshots maintenance keeps per session (None: the strategy takes none)."""
     strategy = config.snapshot_strategy
-    if isinstance(strategy, IncrementalSnapshots | FullSnapshots | AdaptiveSnapshots):
-        return strategy.max_snapshots
-    return None
+    return None if isinstance(strategy, NoSnapshots) else strategy.max_snapshots
 
 
 def cleared_state(

@@ -48,36 +48,40 @@ class NoSnapshots(_Model):
     kind: Literal["none"] = "none"
 
 
-class FullSnapshots(_Model):
-    """Snapshot the preserved entries at every clear; keep `max_snapshots` per session."""
+class _KeptSnapshots(_Model):
+    """A strategy that takes snapshots: maintenance keeps `max_snapshots` per session.
+
+    The seed's `interval_conversations` never had an effect here (snapshots are taken at
+    clears): it is accepted from old configs, said, and dropped."""
+
+    max_snapshots: int = Field(default=4, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_interval(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "interval_conversations" in data:
+            log.warning("snapshot_strategy.interval_conversations has no effect: ignored")
+            data = {k: v for k, v in data.items() if k != "interval_conversations"}
+        return data
+
+
+class FullSnapshots(_KeptSnapshots):
+    """Snapshot the preserved entries at every clear."""
 
     kind: Literal["full"] = "full"
-    max_snapshots: int = Field(default=4, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_interval(cls, data: Any) -> Any:
-        return _drop_interval(data)
 
 
-class IncrementalSnapshots(_Model):
-    """Snapshot only at conversation-limit clears; keep `max_snapshots` per session."""
+class IncrementalSnapshots(_KeptSnapshots):
+    """Snapshot only at conversation-limit clears."""
 
     kind: Literal["incremental"] = "incremental"
-    max_snapshots: int = Field(default=4, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_interval(cls, data: Any) -> Any:
-        return _drop_interval(data)
 
 
-class AdaptiveSnapshots(_Model):
+class AdaptiveSnapshots(_KeptSnapshots):
     """Snapshot at every clear, but only entries at or above `min_importance_threshold`."""
 
     kind: Literal["adaptive"] = "adaptive"
     min_importance_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
-    max_snapshots: int = Field(default=4, ge=1)
 
 
 SnapshotStrategy = Annotated[
@@ -259,15 +263,6 @@ class KVCacheConfig(_Model):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [tiermem] must be a table")
         return cls.from_env(environ, base=table)
-
-
-def _drop_interval(data: Any) -> Any:
-    """`interval_conversations` of the seed's strategies: snapshots are taken at clears, so
-    it never had an effect here; accepted for old configs, said, and dropped."""
-    if isinstance(data, dict) and "interval_conversations" in data:
-        log.warning("snapshot_strategy.interval_conversations has no effect: ignored")
-        data = {k: v for k, v in data.items() if k != "interval_conversations"}
-    return data
 
 
 def _parse_env_value(raw: str) -> Any:

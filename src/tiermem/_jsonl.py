@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ._errors import InvalidInputError, NotFoundError, TierMemError
+from ._intake import MAX_NAME_CHARS
 from ._types import DEFAULT_NAMESPACE, ROLES, Message
 
-MAX_NAME = 512  # characters in a session id or namespace, as the library allows
 MAX_DEPTH = 100  # levels of nesting in a line's metadata
 
 FIELDS = frozenset({"session_id", "namespace", "role", "content", "id", "created_at", "metadata"})
@@ -54,8 +54,8 @@ def check_name(what: str, value: object) -> str:
     check_unicode(what, value)
     if "\x00" in value:
         raise InvalidInputError(f"{what} contains a NUL character")
-    if len(value) > MAX_NAME:
-        raise InvalidInputError(f"{what} is longer than {MAX_NAME} characters")
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidInputError(f"{what} is longer than {MAX_NAME_CHARS} characters")
     return value
 
 

@@ -24,7 +24,7 @@ from ._errors import NotFoundError, TierMemError
 from ._opening import Parts
 from ._retrieval import Retriever
 from ._scoring import ImportanceScorer
-from ._sessions import Ident, Session, SessionMemory
+from ._sessions import STALE_RETRIES, Ident, Session, SessionMemory
 from ._statistics import CacheStatistics
 from ._store import StaleSession
 from ._summaries import SummaryKeeper, SummaryOutcome
@@ -46,8 +46,6 @@ from ._types import (
     RetrievalResult,
 )
 
-# how many times a session's clear is decided again on a fresh copy another process changed
-STALE_RETRIES = 8
 _RETRIEVE_HINT = re.compile(r"\b(explain|how to|what is|what's)\b", re.IGNORECASE)
 
 

@@ -56,8 +56,6 @@ from ._types import (
 log = logging.getLogger("tiermem")
 
 INGEST_BATCH = 256
-# how many times a call starts again on a fresh copy of a session another process changed
-STALE_RETRIES = 8
 MAX_RETRIEVAL_LIMIT = 1000
 T = TypeVar("T")
 
