@@ -11,10 +11,18 @@ and per question type. In the same run, on the same stored messages and vectors:
 - vector: exact cosine (numpy) between the question's MiniLM embedding and every message;
 - ablations: the default with one retrieval feature turned off at a time.
 
-Run: .venv/bin/python benchmarks/retrieval_eval.py [--no-summarizer] [--keep DIR]
-(`--no-summarizer` skips the LLM to iterate faster; it does not change what is stored or
-searched, only the summaries. `--keep DIR` keeps the databases and reuses them.)
-Prints a table and writes benchmarks/results/retrieval_eval.json.
+With `--locomo PATH` the conversations are LoCoMo's instead (real long chats between two
+people, with labelled evidence; the protocol of ../shared/data/README.md): speaker_a is the
+user, speaker_b the assistant, a message reads "Speaker: text" plus " [shares a photo:
+caption]", its id is the dia_id, created_at the session's date plus one minute per message;
+questions of categories 1-4 (multi-hop, temporal, inference, single-hop). The data stays
+outside the repository (its license forbids copying it in): the run is skipped, exit 0,
+when the file is absent.
+
+Run: .venv/bin/python benchmarks/retrieval_eval.py [--locomo PATH] [--no-summarizer]
+[--keep DIR] (`--no-summarizer` skips the LLM to iterate faster; it does not change what is
+stored or searched, only the summaries. `--keep DIR` keeps the databases and reuses them.)
+Prints a table and writes benchmarks/results/retrieval_eval.json (or retrieval_locomo.json).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +60,69 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def turns(messages: list[dict[str, Any]]) -> list[list[tiermem.Message]]:
-    """Messages grouped by turn (the id without its last part), in order."""
-    grouped: dict[str, list[tiermem.Message]] = {}
-    for m in messages:
-        turn = m["id"].rsplit("-", 1)[0]
-        grouped.setdefault(turn, []).append(
-            tiermem.Message(
-                m["role"],
-                m["content"],
-                id=m["id"],
-                created_at=datetime.fromisoformat(m["created_at"]),
+def fixture_conversations(path: Path) -> list[dict[str, Any]]:
+    """The synthetic fixture's conversations: messages grouped by turn (the id without its
+    last part), in order."""
+    out = []
+    for conv in json.loads(path.read_text(encoding="utf-8"))["conversations"]:
+        grouped: dict[str, list[tiermem.Message]] = {}
+        for m in conv["messages"]:
+            grouped.setdefault(m["id"].rsplit("-", 1)[0], []).append(
+                tiermem.Message(
+                    m["role"],
+                    m["content"],
+                    id=m["id"],
+                    created_at=datetime.fromisoformat(m["created_at"]),
+                )
             )
+        out.append(
+            {"id": conv["id"], "turns": list(grouped.values()), "questions": conv["questions"]}
         )
-    return list(grouped.values())
+    return out
+
+
+LOCOMO_CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "inference", 4: "single-hop"}
+
+
+def locomo_conversations(path: Path) -> list[dict[str, Any]]:
+    """LoCoMo samples in the protocol's form: a turn is a user message and the replies
+    after it; evidence ids as labelled ("D8:6; D9:17" read as two), questions without
+    evidence left out."""
+    out = []
+    for sample in json.loads(path.read_text(encoding="utf-8")):
+        conv = sample["conversation"]
+        roles = {conv["speaker_a"]: "user", conv["speaker_b"]: "assistant"}
+        turns: list[list[tiermem.Message]] = []
+        n = 1
+        while f"session_{n}" in conv:
+            start = datetime.strptime(conv[f"session_{n}_date_time"], "%I:%M %p on %d %B, %Y")
+            for i, t in enumerate(conv[f"session_{n}"]):
+                content = f"{t['speaker']}: {t['text']}"
+                if t.get("blip_caption"):
+                    content += f" [shares a photo: {t['blip_caption']}]"
+                message = tiermem.Message(
+                    roles[t["speaker"]],
+                    content,
+                    id=t["dia_id"],
+                    created_at=(start + timedelta(minutes=i)).replace(tzinfo=UTC),
+                )
+                if message.role == "user" or not turns:
+                    turns.append([])
+                turns[-1].append(message)
+            n += 1
+        questions = [
+            {
+                "id": f"{sample['sample_id']}-q{i}",
+                "question": q["question"],
+                "evidence": [e.strip() for ev in q["evidence"] for e in ev.split(";")],
+                "type": LOCOMO_CATEGORIES[q["category"]],
+            }
+            for i, q in enumerate(sample["qa"])
+            # two questions label no evidence at all: nothing to find, left out
+            if q["category"] in LOCOMO_CATEGORIES and any(e.strip() for e in q["evidence"])
+        ]
+        out.append({"id": sample["sample_id"], "turns": turns, "questions": questions})
+    return out
 
 
 def recall(ranked: list[list[str]], evidence: list[str], k: int) -> float:
@@ -79,7 +136,7 @@ async def feed(db: Path, conv: dict[str, Any], config: tiermem.KVCacheConfig) ->
     started = time.perf_counter()
     clears = 0
     async with await tiermem.KVCacheManager.open(db, config=config) as mgr:
-        for turn in turns(conv["messages"]):
+        for turn in conv["turns"]:
             result = await mgr.process_conversation(conv["id"], turn)
             clears += result.should_clear_cache
         fed = time.perf_counter() - started
@@ -150,7 +207,13 @@ def table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    data = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    if args.locomo:
+        if not Path(args.locomo).is_file():
+            print(f"skipped: {args.locomo} not found (LoCoMo stays outside the repository)")
+            return
+        conversations = locomo_conversations(Path(args.locomo))
+    else:
+        conversations = fixture_conversations(FIXTURE)
     config = tiermem.KVCacheConfig(summarizer_enabled=not args.no_summarizer)
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tiermem-eval-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,7 +221,7 @@ def main(args: argparse.Namespace) -> None:
     ranked: dict[str, dict[str, list[list[str]]]] = defaultdict(dict)
     feeds = {}
     questions = {}
-    for conv in data["conversations"][: args.conversations]:
+    for conv in conversations[: args.conversations]:
         db = folder / f"{conv['id']}.db"
         if not db.exists():
             feeds[conv["id"]] = anyio.run(feed, db, conv, config)
@@ -200,13 +263,14 @@ def main(args: argparse.Namespace) -> None:
         "summarizer": not args.no_summarizer,
         "misses": misses,
     }
-    write_results("retrieval_eval", report)
+    write_results("retrieval_locomo" if args.locomo else "retrieval_eval", report)
     print(json.dumps({k: report[k] for k in ("questions", "margin_at_10", "feeds")}))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--locomo", metavar="PATH", help="LoCoMo JSON (e.g. locomo-dev.json)")
     parser.add_argument("--no-summarizer", action="store_true")
     parser.add_argument("--keep", help="folder for the databases (reused when present)")
-    parser.add_argument("--conversations", type=int, default=5)
+    parser.add_argument("--conversations", type=int, default=10)
     main(parser.parse_args())

@@ -12,7 +12,7 @@ import tiermem
 from tests.conftest import SHAPE
 from tests.fakes import HashingEmbedder
 from tiermem import KVCacheConfig, Message
-from tiermem._query import analyse, time_window
+from tiermem._query import analyse, named_speaker, speaker_labels, time_window
 
 NOW = datetime(2025, 8, 20, 12, tzinfo=UTC)
 
@@ -273,3 +273,46 @@ async def test_time_cues_work_at_the_ends_of_the_calendar(
     ):
         hits = await manager.retrieve_context("early", query)
         assert [e.message_ids for e in hits.entries][:1] == [["t"]], query
+
+
+def test_speaker_labels_are_the_names_each_role_mostly_opens_with() -> None:
+    openings = [("user", "Mia: hi"), ("assistant", "Leo: hey Mia"), ("user", "Mia:ok")] * 5
+    labels = speaker_labels([*openings, ("user", "no label here")])
+    assert labels == {"user": "mia", "assistant": "leo"}
+    assert named_speaker(["leo", "paint"], labels) == "assistant"
+    assert named_speaker(["leo", "mia"], labels) is None  # both named: no preference
+    assert named_speaker(["paint"], labels) is None
+    # a role whose messages mostly carry no label, or changing ones, has none
+    assert speaker_labels([("user", "Mia: hi"), ("user", "hello"), ("user", "Re: x")]) == {}
+    assert speaker_labels([]) == {}
+
+
+async def test_a_named_speakers_words_are_searched_without_the_name(
+    open_manager: Callable[..., Any],
+) -> None:
+    """In a transcript ("Leo: ..."), the speakers' names are in most messages: they tell
+    none apart, so they leave the query's words and embedding, and a query naming one
+    speaker prefers what that speaker said."""
+    embedder = HashingEmbedder()
+    async with await open_manager(embedder=embedder) as mgr:
+        chat = []
+        for i in range(12):
+            chat += [
+                Message("user", f"Mia: Hey Leo, day {i} was fine.", id=f"u{i}"),
+                Message("assistant", f"Leo: Glad to hear it, Mia! Day {i} here too.", id=f"a{i}"),
+            ]
+        chat += [
+            Message("user", "Mia: Leo, I paint fences.", id="mia-paint"),
+            Message(
+                "assistant",
+                "Leo: Mia, I paint sunsets.",
+                id="leo-paint",
+            ),
+        ]
+        await mgr.ingest("s", chat)
+        hits = await mgr.retrieve_context("s", "What did Leo paint?")
+        assert hits.entries[0].message_ids == ["leo-paint"]
+        assert embedder.calls[-1] == ["What did  paint?"]
+        hits = await mgr.retrieve_context("s", "What did Mia paint?")
+        assert hits.entries[0].message_ids == ["mia-paint"]
+        assert embedder.calls[-1] == ["What did  paint?"]

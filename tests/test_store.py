@@ -177,23 +177,33 @@ async def test_a_write_over_a_stale_version_is_refused_and_changes_nothing(
     assert (await store.session_version(key)) == current
 
 
-async def test_lexical_search_stays_in_its_session_and_skips_a_word_in_most_messages(
-    store: Store,
-) -> None:
-    """A word in most messages has no bm25 weight: leaving it out changes no ranking."""
+async def test_lexical_search_and_term_counts_stay_in_their_session(store: Store) -> None:
     key = await store.create_session("ns", "s")
     other = await store.create_session("ns", "other")
     contents = [f"hello there number {i}" for i in range(9)] + ["hello zebra"]
     rowids = await add(store, key, contents)
     await add(store, other, ["hello zebra", "zebra zebra"])
     both = await store.lexical_search(["hello", "zebra"], key, 20)
-    assert [hit.rowid for hit in both] == [rowids[9]]
-    assert both[0].score > 0
-    assert len(await store.lexical_search(["hello"], key, 20)) == 10
+    assert {hit.rowid for hit in both} == set(rowids)
+    assert both[0].rowid == rowids[9] and both[0].score > 0
     assert len(await store.lexical_search(["hello"], key, 3)) == 3
+    # how many of the session's messages hold each term, beside how many it has held
+    assert await store.term_counts(["hello", "zebra", "absent"], key) == (10, [10, 1, 0])
+    assert await store.term_counts(["zebra"], other) == (2, [2])
+    assert await store.term_counts([], key) == (0, [])
     # nothing in a term is query syntax
     assert await store.lexical_search(['zebra" OR "hello', "NEAR(a b)"], key, 20) == []
+    assert await store.term_counts(['zebra" OR "hello'], key) == (10, [0])
     assert await store.lexical_search([], key, 20) == []
+
+
+async def test_latest_openings_read_the_newest_messages_of_the_session(store: Store) -> None:
+    key = await store.create_session("ns", "s")
+    other = await store.create_session("ns", "other")
+    await add(store, key, ["Ana: first", "Ben: second " + "x" * 1000, "Ana: third"])
+    await add(store, other, ["Eve: elsewhere"])
+    openings = await store.latest_openings(key, 2, 10)
+    assert [text for _, text in openings] == ["Ana: third", "Ben: secon"]
 
 
 async def test_vector_search_ranks_exactly_within_the_session(store: Store) -> None:

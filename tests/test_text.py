@@ -298,3 +298,16 @@ def test_a_named_day_is_found_in_any_year(day: Any, reference: datetime) -> None
 @pytest.mark.parametrize("query", ["2024-13-45", "0000-05-01", "2023-02-29", "in May 0000"])
 def test_a_day_that_does_not_exist_names_no_window(query: str) -> None:
     assert time_window(query, NOW) is None
+
+
+def test_keywords_drop_a_possessive_and_a_text_can_leave_keywords_out() -> None:
+    assert text.keywords("What do Melanie's kids like? It's Ana’s dog") == [
+        "melanie",
+        "kids",
+        "ana",
+        "dog",
+    ]
+    assert text.without_keywords("What do Melanie's kids like, Melanie?", {"melanie"}) == (
+        "What do  kids like, ?"
+    )
+    assert text.without_keywords("nothing to drop", set()) == "nothing to drop"

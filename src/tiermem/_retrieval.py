@@ -27,6 +27,7 @@ it a question", and a long text's folding for repeats is skipped (see `_collapse
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Collection, Iterable, Sequence
@@ -41,7 +42,7 @@ from . import _text as text
 from ._cache import CacheEntry
 from ._config import KVCacheConfig
 from ._embedder import Embedder
-from ._store import MessageRow, Store
+from ._store import MessageRow, Store, TermCounts
 
 ESCALATE_TIER2_BELOW = 5
 ESCALATE_TIER3_BELOW = 3
@@ -49,6 +50,13 @@ RELEVANT_COSINE = 0.2
 MIN_SCORE = 0.1
 BM25_SCALE = 10.0
 EMBED_MAX_CHARS = 4000
+# a query's word in more than this share of the session's messages is left out of its
+# lexical search and its embedding
+COMMON_SHARE = 0.3
+COMMON_MIN_MESSAGES = 20
+# speaker labels ("Melanie: ...") are read from the openings of the latest messages
+LABEL_SAMPLE = 64
+LABEL_CHARS = 64
 WINDOW_CANDIDATES = 2000
 # the session's best lexical matches fetched once per search; every tier draws on them
 LEXICAL_POOL = 1000
@@ -138,6 +146,19 @@ class Retriever:
             if reference is not None:
                 cues = query_cues.analyse(opening, reference)
         terms = text.keywords(cues.topic) or text.keywords(opening)
+        counts = await self._store.term_counts(terms, key)
+        if hybrid and self._config.retrieval_query_cues and cues.role is None:
+            cues = await self._speaker_cue(key, cues, terms)
+        # a word in a large share of the session's messages (the speakers' names, in a
+        # transcript) tells none of them apart: left out of the lexical query while rarer
+        # ones remain (it would make nearly every message a match to be scored, the whole
+        # cost of the query), and out of the query's embedding, where it would only pull
+        # towards the messages that say little else
+        common = _common_terms(terms, counts)
+        searched = [t for t in terms if t not in common]
+        if common:
+            query = text.without_keywords(query[:EMBED_MAX_CHARS], common)
+            query_vector = None
         nearest: dict[int, Sequence[tuple[int, float]]] = {}
         embedded: list[np.ndarray[Any, Any]] = []
         async with anyio.create_task_group() as tg:
@@ -149,7 +170,7 @@ class Retriever:
                 )
             active_ids = {e.rowid for e in active}
             snapshot_ids = set(await self._store.snapshot_message_rowids(key))
-            pool = await self._store.lexical_search(terms, key, LEXICAL_POOL)
+            pool = await self._store.lexical_search(searched, key, LEXICAL_POOL)
         vector = embedded[0] if embedded else None
         floor = pool[-1].score if len(pool) == LEXICAL_POOL else 0.0
 
@@ -188,6 +209,15 @@ class Retriever:
         ranked = sorted(found.values(), key=lambda c: (-c.score, c.tier, -c.rowid))
         hits = _collapse([c for c in ranked if c.score >= MIN_SCORE])
         return SearchOutcome(hits[:limit], tiers, terms)
+
+    async def _speaker_cue(
+        self, key: int, cues: query_cues.QueryCues, terms: Sequence[str]
+    ) -> query_cues.QueryCues:
+        """In a session whose messages open with their speaker's name, a query naming one
+        speaker asks about that speaker's messages."""
+        openings = await self._store.latest_openings(key, LABEL_SAMPLE, LABEL_CHARS)
+        role = query_cues.named_speaker(terms, query_cues.speaker_labels(openings))
+        return cues if role is None else dataclasses.replace(cues, role=role)
 
     async def _vector_pass(
         self,
@@ -329,6 +359,16 @@ class Retriever:
                 if c.row is not None and c.tier in allowed:
                     c.score = max(c.score, HOP_WEIGHT * parent.score)
                     found[rowid] = c
+
+
+def _common_terms(terms: Sequence[str], counts: TermCounts) -> set[str]:
+    """The terms in more than `COMMON_SHARE` of the session's messages, once it holds
+    `COMMON_MIN_MESSAGES`; none when every term is (the query would have nothing left)."""
+    if counts.messages < COMMON_MIN_MESSAGES:
+        return set()
+    share = COMMON_SHARE * counts.messages
+    common = {t for t, n in zip(terms, counts.counts, strict=True) if n > share}
+    return common if len(common) < len(terms) else set()
 
 
 def names_in(content: str) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
 
@@ -96,12 +96,35 @@ def keywords(text: str, limit: int = 16) -> list[str]:
     from its first `HEAD_CHARS` characters, and only as far as the `limit`-th."""
     seen: dict[str, None] = {}
     for match in _WORD.finditer(head(text, HEAD_CHARS).lower()):
-        word = match[0].replace("’", "'")
-        if word not in STOP_WORDS and (len(word) > 1 or word.isdigit()):
+        word = _keyword_form(match[0])
+        if word is not None:
             seen.setdefault(word, None)
             if len(seen) >= limit:
                 break
     return list(seen)
+
+
+def _keyword_form(word: str) -> str | None:
+    """`word` as a keyword (lower-cased, a possessive's "'s" dropped: "Melanie's kids" is
+    about Melanie), or None for a stop word or a single letter."""
+    word = word.lower().replace("’", "'")
+    if word.endswith("'s") and word not in STOP_WORDS:
+        word = word[:-2]
+    if word in STOP_WORDS or (len(word) < 2 and not word.isdigit()):
+        return None
+    return word
+
+
+def without_keywords(text: str, drop: Collection[str]) -> str:
+    """`text` with the words whose keyword form is in `drop` left out."""
+    kept: list[str] = []
+    start = 0
+    for match in _WORD.finditer(text):
+        if _keyword_form(match[0]) in drop:
+            kept.append(text[start : match.start()])
+            start = match.end()
+    kept.append(text[start:])
+    return "".join(kept)
 
 
 def top_keywords(texts: Iterable[str], limit: int = 10) -> list[str]:

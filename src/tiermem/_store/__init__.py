@@ -20,6 +20,7 @@ from ._rows import (
     SnapshotRow,
     StateRow,
     SummaryRow,
+    TermCounts,
 )
 from ._sqlite import COUNTED_TABLES, SQLiteStore
 
@@ -39,4 +40,5 @@ __all__ = [
     "StateRow",
     "Store",
     "SummaryRow",
+    "TermCounts",
 ]

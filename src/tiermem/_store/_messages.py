@@ -137,6 +137,15 @@ class MessageQueries(Database):
         )
         return [int(r[0]) for r in rows]
 
+    async def latest_openings(self, key: int, count: int, chars: int) -> list[tuple[str, str]]:
+        """The role and first `chars` characters of the session's latest `count` messages."""
+        rows = await self._read_all(
+            "SELECT role, substr(content, 1, ?) FROM messages WHERE session_key = ? "
+            "ORDER BY position DESC LIMIT ?",
+            (chars, key, count),
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     async def latest_time(self, key: int) -> float | None:
         """When the session's newest message was created."""
         row = await self._read_one(

@@ -32,6 +32,7 @@ from ._rows import (
     SnapshotRow,
     StateRow,
     SummaryRow,
+    TermCounts,
 )
 
 
@@ -131,6 +132,10 @@ class Store(Protocol):
         self, key: int, start: float, end: float, limit: int
     ) -> list[int]: ...
 
+    async def latest_openings(self, key: int, count: int, chars: int) -> list[tuple[str, str]]:
+        """The role and first `chars` characters of the session's latest `count` messages."""
+        ...
+
     async def latest_time(self, key: int) -> float | None: ...
 
     async def message_vectors(self, rowids: Sequence[int]) -> dict[int, np.ndarray[Any, Any]]: ...
@@ -143,6 +148,10 @@ class Store(Protocol):
 
     async def lexical_search(self, terms: Sequence[str], key: int, limit: int) -> list[SearchHit]:
         """The session's best matches for any of `terms` (plain words, never syntax)."""
+        ...
+
+    async def term_counts(self, terms: Sequence[str], key: int) -> TermCounts:
+        """How many of the session's messages hold each term, and how many it has held."""
         ...
 
     async def vector_search(self, query: np.ndarray[Any, Any], key: int, k: int) -> list[SearchHit]:

@@ -140,6 +140,13 @@ class SessionVersion:
     summary_covered_through: int
 
 
+class TermCounts(NamedTuple):
+    """A session's size (messages it has held) and how many of them hold each term."""
+
+    messages: int
+    counts: list[int]
+
+
 class SearchHit(NamedTuple):
     """A message found by a search and its score: bm25 for a lexical search (higher is
     better), cosine distance for a vector one (lower is better). A pair, so it mixes with

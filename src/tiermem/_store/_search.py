@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _text as text
 from ._messages import MessageQueries
-from ._rows import SearchHit
+from ._rows import SearchHit, TermCounts
 from ._vectors import KNN_OVERSAMPLE, VEC0_MAX_K, bits, cosine_distances
 
 
@@ -29,16 +29,8 @@ def _nearest(distances: dict[int, float], k: int) -> list[SearchHit]:
 class SearchQueries(MessageQueries):
     async def lexical_search(self, terms: Sequence[str], key: int, limit: int) -> list[SearchHit]:
         """The session's best `limit` matches for any of `terms` (each quoted, so nothing in
-        them is FTS5 syntax), scored by bm25 (higher is better).
-
-        The query is restricted to the session inside FTS5, so other sessions' rows are never
-        scored. A term in more than half of the session's messages is left out while rarer
-        ones remain: it barely tells the session's messages apart (where it is that common
-        everywhere, bm25 gives it no weight at all), yet it would make nearly every message
-        a match to be scored, the whole cost of the query.
-        """
-        if len(terms) > 1:
-            terms = await self._informative(terms, key)
+        them is FTS5 syntax), scored by bm25 (higher is better). The query is restricted to
+        the session inside FTS5, so other sessions' rows are never scored."""
         query = text.fts_query(terms)
         if not query:
             return []
@@ -49,22 +41,22 @@ class SearchQueries(MessageQueries):
         )
         return [SearchHit(int(r[0]), float(r[1])) for r in rows]
 
-    async def _informative(self, terms: Sequence[str], key: int) -> list[str]:
-        """`terms` without those in more than half of the session's messages (all when every
-        one is). Counting a term's matches in the session walks posting lists without
-        scoring: ~50x cheaper than the search."""
+    async def term_counts(self, terms: Sequence[str], key: int) -> TermCounts:
+        """How many of the session's messages hold each of `terms`, beside how many it has
+        held (its next position: deleted messages count, which an index answers at once).
+        Counting walks posting lists without scoring: ~50x cheaper than a search."""
+        if not terms:
+            return TermCounts(0, [])
         counts = ", ".join(
             "(SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH ?)" for _ in terms
         )
         row = await self._read_one(
-            f"SELECT (SELECT MAX(position) + 1 FROM messages WHERE session_key = ?), {counts}",
+            f"SELECT (SELECT IFNULL(MAX(position) + 1, 0) FROM messages WHERE session_key = ?), "
+            f"{counts}",
             [key, *(f"{_in_session(key)} AND content : {text.fts_query([t])}" for t in terms)],
         )
-        if row is None or not row[0]:
-            return list(terms)
-        # positions count every message ever stored in the session: at least the row count
-        kept = [t for t, n in zip(terms, row[1:], strict=True) if n * 2 <= row[0]]
-        return kept or list(terms)
+        assert row is not None
+        return TermCounts(int(row[0]), [int(n) for n in row[1:]])
 
     async def vector_search(self, query: np.ndarray[Any, Any], key: int, k: int) -> list[SearchHit]:
         """The session's k nearest messages by cosine distance, nearest first.
