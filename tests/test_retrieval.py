@@ -156,6 +156,28 @@ async def test_names_in_the_best_hit_lead_to_the_second_hop(
     assert "sister" not in [i for e in hits.entries[:5] for i in e.message_ids]
 
 
+async def test_a_capitalised_sentence_opening_links_only_where_it_is_capitalised_again(
+    manager: tiermem.KVCacheManager,
+) -> None:
+    """"Blue" opening a sentence looks like a name; the hop links it only to messages that
+    write it with a capital too, as names are written."""
+    await manager.process_conversation(
+        "s",
+        [
+            Message("user", "I repainted the hallway walls last spring.", id="walls"),
+            Message("assistant", "Blue suits a hallway.", id="blue-a"),
+            Message("user", "My blue bike got a flat tyre.", id="bike"),
+            Message("assistant", "Patch it tonight.", id="a1"),
+            Message("user", "Blue Bottle opened a cafe near the hallway market.", id="cafe"),
+            Message("assistant", "Nice.", id="a2"),
+        ],
+    )
+    hits = await manager.retrieve_context("s", "What did I do to the hallway walls?")
+    ids = [i for e in hits.entries for i in e.message_ids]
+    assert ids[0] == "walls"
+    assert "bike" not in ids  # "blue" there is the colour, written in lower case
+
+
 def turn_about(i: int, topic: str) -> list[Message]:
     return [
         Message("user", f"Question {i} about {topic} in general?", id=f"q{i}"),

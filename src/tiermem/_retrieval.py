@@ -66,7 +66,7 @@ OTHER_SPEAKER = 0.85
 OLDEST_WHEN_LATEST = 0.8
 HOP_TOP_HITS = 3
 # a message reached through a name scores up to this share of the hit naming it
-HOP_WEIGHT = 0.85
+HOP_WEIGHT = 0.7
 SAME_SITTING_SECONDS = 1800.0
 HOP_NAMES = 4
 HOP_MAX_LINKS = 5
@@ -338,25 +338,35 @@ class Retriever:
             names = [n for n in names_in(parent.row.content) if n not in asked]
             if not names:
                 continue
-            linked: list[int] = []
+            matched: dict[int, str] = {}
             for name in names[:HOP_NAMES]:
                 matches = await self._store.lexical_search([name], key, HOP_MAX_LINKS + 1)
                 # a name in 2..HOP_MAX_LINKS messages links them; a commoner word does not
                 if 1 < len(matches) <= HOP_MAX_LINKS:
-                    linked += [r for r, _ in matches if r != parent.rowid and r not in exclude]
-            new = {rowid: Candidate(rowid) for rowid in linked if rowid not in found}
-            if new:
-                for row in await self._store.messages_by_rowid(list(new)):
-                    new[row.rowid].row = row
+                    for rowid, _ in matches:
+                        if rowid != parent.rowid and rowid not in exclude:
+                            matched.setdefault(rowid, name)
+            new = {rowid: Candidate(rowid) for rowid in matched if rowid not in found}
+            for row in await self._store.messages_by_rowid(list(new)) if new else []:
+                new[row.rowid].row = row
+            # a name is written with a capital wherever it is one: "Blue calms me", opening
+            # a sentence, links no message about the colour blue
+            linked = {
+                rowid: c
+                for rowid, name in matched.items()
+                if (c := found.get(rowid) or new[rowid]).row is not None
+                and name in names_in(c.row.content)
+            }
+            fresh = {rowid: c for rowid, c in linked.items() if rowid in new}
+            if fresh:
                 # no lexical score: they were found through a name, not the query's words
-                await self._complete(new, {}, 0.0, vector)
-                self._fuse(new.values(), terms, has_vector=vector is not None)
-                for c in new.values():
+                await self._complete(fresh, {}, 0.0, vector)
+                self._fuse(fresh.values(), terms, has_vector=vector is not None)
+                for c in fresh.values():
                     c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
                     c.score = c.base
-            for rowid in linked:
-                c = found.get(rowid) or new[rowid]
-                if c.row is not None and c.tier in allowed:
+            for rowid, c in linked.items():
+                if c.tier in allowed:
                     c.score = max(c.score, HOP_WEIGHT * parent.score)
                     found[rowid] = c
 
@@ -372,12 +382,14 @@ def _common_terms(terms: Sequence[str], counts: TermCounts) -> set[str]:
 
 
 def names_in(content: str) -> list[str]:
-    """Capitalised words not opening a sentence, lower-cased: likely names of people,
-    places, pets. "I" and stop words are left out. Read from the first `NAME_CHARS`."""
+    """Capitalised words as keywords (lower-cased, a possessive dropped): likely names of
+    people, places, pets, and a sentence's first word (the hop links a name only to
+    messages that capitalise it too). Stop words, months and weekdays are left out. Read
+    from the first `NAME_CHARS`."""
     out: dict[str, None] = {}
     for match in _NAME.finditer(text.head(content, NAME_CHARS)):
-        word = text.words(match[1])
-        if word and word[0] not in _NOT_NAMES and len(word[0]) > 1:
+        word = text.keywords(match[1])
+        if word and word[0] not in _NOT_NAMES:
             out.setdefault(word[0], None)
     return list(out)
 
