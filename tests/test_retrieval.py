@@ -159,8 +159,8 @@ async def test_names_in_the_best_hit_lead_to_the_second_hop(
 async def test_a_capitalised_sentence_opening_links_only_where_it_is_capitalised_again(
     manager: tiermem.KVCacheManager,
 ) -> None:
-    """"Blue" opening a sentence looks like a name; the hop links it only to messages that
-    write it with a capital too, as names are written."""
+    """A capitalised "Blue" opening a sentence looks like a name; the hop links it only
+    to messages that write it with a capital too, as names are written."""
     await manager.process_conversation(
         "s",
         [

@@ -187,13 +187,20 @@ async def test_lexical_search_and_term_counts_stay_in_their_session(store: Store
     assert {hit.rowid for hit in both} == set(rowids)
     assert both[0].rowid == rowids[9] and both[0].score > 0
     assert len(await store.lexical_search(["hello"], key, 3)) == 3
-    # how many of the session's messages hold each term, beside how many it has held
-    assert await store.term_counts(["hello", "zebra", "absent"], key) == (10, [10, 1, 0])
-    assert await store.term_counts(["zebra"], other) == (2, [2])
-    assert await store.term_counts([], key) == (0, [])
+    # how many of the session's latest messages hold each term, beside how many those are
+    assert await store.term_counts(["hello", "zebra", "absent"], key, 100) == (10, [10, 1, 0])
+    assert await store.term_counts(["hello", "zebra", "there"], key, 3) == (3, [3, 1, 2])
+    await add(store, other, ["hello again"])  # later ids in another session count nowhere
+    assert await store.term_counts(["zebra", "hello"], other, 100) == (3, [2, 2])
+    assert await store.term_counts(["hello"], key, 1) == (1, [1])
+    assert await store.term_counts([], key, 5) == (5, [])
+    assert await store.term_counts(["hello"], await store.create_session("ns", "new"), 5) == (
+        0,
+        [0],
+    )
     # nothing in a term is query syntax
     assert await store.lexical_search(['zebra" OR "hello', "NEAR(a b)"], key, 20) == []
-    assert await store.term_counts(['zebra" OR "hello'], key) == (10, [0])
+    assert await store.term_counts(['zebra" OR "hello'], key, 100) == (10, [0])
     assert await store.lexical_search([], key, 20) == []
 
 

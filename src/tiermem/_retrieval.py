@@ -54,6 +54,8 @@ EMBED_MAX_CHARS = 4000
 # lexical search and its embedding
 COMMON_SHARE = 0.3
 COMMON_MIN_MESSAGES = 20
+# ...of its latest messages (a share, so the count costs the same at 1k or 1M messages)
+COMMON_SAMPLE = 2000
 # speaker labels ("Melanie: ...") are read from the openings of the latest messages
 LABEL_SAMPLE = 64
 LABEL_CHARS = 64
@@ -146,7 +148,7 @@ class Retriever:
             if reference is not None:
                 cues = query_cues.analyse(opening, reference)
         terms = text.keywords(cues.topic) or text.keywords(opening)
-        counts = await self._store.term_counts(terms, key)
+        counts = await self._store.term_counts(terms, key, COMMON_SAMPLE)
         if hybrid and self._config.retrieval_query_cues and cues.role is None:
             cues = await self._speaker_cue(key, cues, terms)
         # a word in a large share of the session's messages (the speakers' names, in a
@@ -372,8 +374,9 @@ class Retriever:
 
 
 def _common_terms(terms: Sequence[str], counts: TermCounts) -> set[str]:
-    """The terms in more than `COMMON_SHARE` of the session's messages, once it holds
-    `COMMON_MIN_MESSAGES`; none when every term is (the query would have nothing left)."""
+    """The terms in more than `COMMON_SHARE` of the counted messages (the session's latest),
+    once they are `COMMON_MIN_MESSAGES`; none when every term is (the query would have
+    nothing left)."""
     if counts.messages < COMMON_MIN_MESSAGES:
         return set()
     share = COMMON_SHARE * counts.messages

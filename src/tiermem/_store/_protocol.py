@@ -150,8 +150,9 @@ class Store(Protocol):
         """The session's best matches for any of `terms` (plain words, never syntax)."""
         ...
 
-    async def term_counts(self, terms: Sequence[str], key: int) -> TermCounts:
-        """How many of the session's messages hold each term, and how many it has held."""
+    async def term_counts(self, terms: Sequence[str], key: int, latest: int) -> TermCounts:
+        """How many of the session's `latest` messages hold each term, and how many those
+        are (fewer in a shorter session)."""
         ...
 
     async def vector_search(self, query: np.ndarray[Any, Any], key: int, k: int) -> list[SearchHit]:

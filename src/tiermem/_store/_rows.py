@@ -141,7 +141,7 @@ class SessionVersion:
 
 
 class TermCounts(NamedTuple):
-    """A session's size (messages it has held) and how many of them hold each term."""
+    """How many messages were counted, and how many of them hold each term."""
 
     messages: int
     counts: list[int]
