@@ -40,6 +40,7 @@ from ._store import (
     StateRow,
     Store,
     SummaryRow,
+    TermCounts,
 )
 from ._summarizer import LLMSummarizer, Summarizer, SummaryText, TokenCounter, TranscriptLine
 from ._telemetry import (
@@ -154,6 +155,7 @@ __all__ = [
     "SummaryText",
     "Telemetry",
     "TelemetryEvent",
+    "TermCounts",
     "Tier",
     "TierMemError",
     "TokenCounter",
