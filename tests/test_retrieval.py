@@ -298,15 +298,22 @@ async def test_time_cues_work_at_the_ends_of_the_calendar(
 
 
 def test_speaker_labels_are_the_names_each_role_mostly_opens_with() -> None:
-    openings = [("user", "Mia: hi"), ("assistant", "Leo: hey Mia"), ("user", "Mia:ok")] * 5
+    openings = [("user", "Mia: hi"), ("assistant", "Leo: hey Mia"), ("user", "Mia:ok")] * 8
     labels = speaker_labels([*openings, ("user", "no label here")])
-    assert labels == {"user": "mia", "assistant": "leo"}
+    assert labels == {"user": ("mia",), "assistant": ("leo",)}
     assert named_speaker(["leo", "paint"], labels) == "assistant"
     assert named_speaker(["leo", "mia"], labels) is None  # both named: no preference
     assert named_speaker(["paint"], labels) is None
-    # a role whose messages mostly carry no label, or changing ones, has none
-    assert speaker_labels([("user", "Mia: hi"), ("user", "hello"), ("user", "Re: x")]) == {}
+    # a role whose messages mostly carry no label, or changing ones, has none; nor has one
+    # labelled message ("Summary: ...")
+    assert speaker_labels([("user", "Mia: hi"), ("user", "hello"), ("user", "Re: x")] * 8) == {}
+    assert speaker_labels([("assistant", "Summary: the plan")]) == {}
     assert speaker_labels([]) == {}
+    # labels read as the query's keywords do: apostrophes, hyphens, accents, however written
+    odd = ["O’Brien: hi", "Mary-Jane: hi", "Zoe\u0308: hi", "José: hi"]
+    for opening, terms in zip(odd, [["o'brien"], ["mary", "jane"], ["zoë"], ["jose"]], strict=True):
+        labels = speaker_labels([("user", opening)] * 8 + [("assistant", "Ann: yes")] * 8)
+        assert named_speaker(terms, labels) == "user", opening
 
 
 async def test_a_named_speakers_words_are_searched_without_the_name(
@@ -338,3 +345,45 @@ async def test_a_named_speakers_words_are_searched_without_the_name(
         hits = await mgr.retrieve_context("s", "What did Mia paint?")
         assert hits.entries[0].message_ids == ["mia-paint"]
         assert embedder.calls[-1] == ["What did  paint?"]
+
+
+async def test_a_message_linked_by_any_capitalised_name_of_the_hit_is_linked(
+    manager: tiermem.KVCacheManager,
+) -> None:
+    """The hit names Rose and Caroline; a message holding "rose" (the flower) and
+    "Caroline" is linked through Caroline, whichever name is searched first."""
+    for first, second in (("Rose", "Caroline"), ("Caroline", "Rose")):
+        sid = f"s-{first}"
+        await manager.process_conversation(
+            sid,
+            [
+                Message("user", f"{first} and {second} booked the Easter flights.", id="hit"),
+                Message("assistant", "Great.", id="a0"),
+                Message("user", "Rose said the hotel was cheap.", id="rose"),
+                Message("assistant", "Ok.", id="a1"),
+                Message("user", "I planted a rose bush; Caroline loved it.", id="x"),
+                Message("assistant", "Nice.", id="a2"),
+                Message("user", "Caroline adopted a kitten.", id="caroline"),
+                Message("assistant", "Cute.", id="a3"),
+            ],
+        )
+        hits = await manager.retrieve_context(sid, "Who booked the Easter flights?")
+        assert {"rose", "x", "caroline"} <= {i for e in hits.entries for i in e.message_ids}
+
+
+async def test_common_words_stay_when_nothing_else_of_the_query_is_found(
+    open_manager: Callable[..., Any],
+) -> None:
+    """Both names are in most messages; "near" is in none. Dropping the names would leave
+    the query nothing to match, so they stay."""
+    async with await open_manager() as mgr:
+        chat = []
+        for i in range(25):
+            chat += [
+                Message("user", f"Melanie: I painted lake{i} today", id=f"u{i}"),
+                Message("assistant", f"Caroline: nice lake{i}", id=f"a{i}"),
+            ]
+        chat.append(Message("user", "Melanie: Caroline, we should paint together", id="both"))
+        await mgr.ingest("s", chat)
+        hits = await mgr.retrieve_context("s", "NEAR(Melanie Caroline)")
+        assert "both" in [i for e in hits.entries[:3] for i in e.message_ids]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -123,31 +124,41 @@ def analyse(query: str, reference: float) -> QueryCues:
 
 # "Melanie: Yeah, I painted that lake sunrise" — a transcript's speaker label
 _SPEAKER_LABEL = re.compile(r"[^\S\n]*+([^\W\d_][\w'’-]{0,39}+):")
-# a role is labelled when this share of its latest messages opens with the same name
+# a role is labelled when this share of its latest messages, at least `LABELLED_MIN`, opens
+# with the same name
 LABELLED_SHARE = 0.8
+LABELLED_MIN = 8
 
 
-def speaker_labels(openings: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The name each role's messages open with ("Melanie: ..."), lower-cased, for the
-    roles whose given (role, opening) pairs mostly carry the same one: transcripts,
-    group chats and imported logs label their speakers so."""
-    by_role: dict[str, Counter[str]] = {}
+def speaker_labels(openings: Iterable[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """The name each role's messages open with ("Melanie: ..."), as folded keywords
+    ("Mary-Jane" is mary and jane), for the roles whose given (role, opening) pairs mostly
+    carry the same one: transcripts, group chats and imported logs label their speakers so.
+    One message opening "Summary:" labels nobody."""
+    by_role: dict[str, Counter[tuple[str, ...]]] = {}
     for role, opening in openings:
-        match = _SPEAKER_LABEL.match(opening)
-        by_role.setdefault(role, Counter())[match[1].lower() if match else ""] += 1
+        match = _SPEAKER_LABEL.match(unicodedata.normalize("NFC", opening))
+        name = tuple(fold(w) for w in text.keywords(match[1])) if match else ()
+        by_role.setdefault(role, Counter())[name] += 1
     labels = {}
     for role, names in by_role.items():
         name, n = names.most_common(1)[0]
-        if name and n >= LABELLED_SHARE * names.total():
+        if name and n >= max(LABELLED_MIN, LABELLED_SHARE * names.total()):
             labels[role] = name
     return labels
 
 
-def named_speaker(terms: Collection[str], labels: dict[str, str]) -> str | None:
+def named_speaker(terms: Collection[str], labels: dict[str, tuple[str, ...]]) -> str | None:
     """The role whose label the query's keywords name, when they name exactly one:
     "what did Melanie paint?" asks about what Melanie said."""
-    named = [role for role, name in labels.items() if name in terms]
+    folded = {fold(t) for t in terms}
+    named = [role for role, name in labels.items() if folded.issuperset(name)]
     return named[0] if len(named) == 1 else None
+
+
+def fold(word: str) -> str:
+    """`word` without accents, as the full-text index compares words: "josé" is "jose"."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
 
 
 def time_window(query: str, reference: float) -> tuple[float, float] | None:

@@ -149,8 +149,6 @@ class Retriever:
                 cues = query_cues.analyse(opening, reference)
         terms = text.keywords(cues.topic) or text.keywords(opening)
         counts = await self._store.term_counts(terms, key, COMMON_SAMPLE)
-        if hybrid and self._config.retrieval_query_cues and cues.role is None:
-            cues = await self._speaker_cue(key, cues, terms)
         # a word in a large share of the session's messages (the speakers' names, in a
         # transcript) tells none of them apart: left out of the lexical query while rarer
         # ones remain (it would make nearly every message a match to be scored, the whole
@@ -173,6 +171,8 @@ class Retriever:
             active_ids = {e.rowid for e in active}
             snapshot_ids = set(await self._store.snapshot_message_rowids(key))
             pool = await self._store.lexical_search(searched, key, LEXICAL_POOL)
+            if hybrid and self._config.retrieval_query_cues and cues.role is None:
+                cues = await self._speaker_cue(key, cues, terms)
         vector = embedded[0] if embedded else None
         floor = pool[-1].score if len(pool) == LEXICAL_POOL else 0.0
 
@@ -340,14 +340,14 @@ class Retriever:
             names = [n for n in names_in(parent.row.content) if n not in asked]
             if not names:
                 continue
-            matched: dict[int, str] = {}
+            matched: dict[int, list[str]] = {}
             for name in names[:HOP_NAMES]:
                 matches = await self._store.lexical_search([name], key, HOP_MAX_LINKS + 1)
                 # a name in 2..HOP_MAX_LINKS messages links them; a commoner word does not
                 if 1 < len(matches) <= HOP_MAX_LINKS:
                     for rowid, _ in matches:
                         if rowid != parent.rowid and rowid not in exclude:
-                            matched.setdefault(rowid, name)
+                            matched.setdefault(rowid, []).append(name)
             new = {rowid: Candidate(rowid) for rowid in matched if rowid not in found}
             for row in await self._store.messages_by_rowid(list(new)) if new else []:
                 new[row.rowid].row = row
@@ -355,9 +355,9 @@ class Retriever:
             # a sentence, links no message about the colour blue
             linked = {
                 rowid: c
-                for rowid, name in matched.items()
+                for rowid, linking in matched.items()
                 if (c := found.get(rowid) or new[rowid]).row is not None
-                and name in names_in(c.row.content)
+                and any(_capitalised(c.row.content, name) for name in linking)
             }
             fresh = {rowid: c for rowid, c in linked.items() if rowid in new}
             if fresh:
@@ -375,13 +375,14 @@ class Retriever:
 
 def _common_terms(terms: Sequence[str], counts: TermCounts) -> set[str]:
     """The terms in more than `COMMON_SHARE` of the counted messages (the session's latest),
-    once they are `COMMON_MIN_MESSAGES`; none when every term is (the query would have
-    nothing left)."""
+    once they are `COMMON_MIN_MESSAGES`; none unless a rarer term was found in them too
+    (otherwise the query would be left with nothing to match)."""
     if counts.messages < COMMON_MIN_MESSAGES:
         return set()
     share = COMMON_SHARE * counts.messages
-    common = {t for t, n in zip(terms, counts.counts, strict=True) if n > share}
-    return common if len(common) < len(terms) else set()
+    pairs = list(zip(terms, counts.counts, strict=True))
+    common = {t for t, n in pairs if n > share}
+    return common if any(0 < n <= share for _, n in pairs) else set()
 
 
 def names_in(content: str) -> list[str]:
@@ -395,6 +396,13 @@ def names_in(content: str) -> list[str]:
         if word and word[0] not in _NOT_NAMES:
             out.setdefault(word[0], None)
     return list(out)
+
+
+def _capitalised(content: str, name: str) -> bool:
+    """Does `content` write `name` (a keyword: lower-cased) with a capital, in its first
+    `NAME_CHARS`? One search for the name, not a scan of every capitalised word."""
+    pattern = rf"\b{re.escape(name[:1].upper())}(?i:{re.escape(name[1:])})(?!\w)"
+    return re.search(pattern, text.head(content, NAME_CHARS).replace("’", "'")) is not None
 
 
 def _answers(row: MessageRow, previous: MessageRow, cues: query_cues.QueryCues | None) -> bool:
