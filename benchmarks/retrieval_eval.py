@@ -249,6 +249,10 @@ def main(args: argparse.Namespace) -> None:
     best = max(scores["bm25"]["all@10"], scores["vector"]["all@10"])
     margin = scores["tiermem"]["all@10"] - best
     print(f"\ntiermem recall@10 - best baseline = {margin * 100:+.1f} points")
+    below = [
+        c for c in columns if scores["tiermem"][c] < max(scores["bm25"][c], scores["vector"][c])
+    ]
+    print(f"columns where the better baseline beats tiermem: {', '.join(below) or 'none'}")
     misses = {
         qid: {"question": q["question"], "evidence": q["evidence"], "top10": ranked["tiermem"][qid]}
         for qid, q in questions.items()
@@ -259,6 +263,7 @@ def main(args: argparse.Namespace) -> None:
         "per_type": counts,
         "scores": scores,
         "margin_at_10": margin,
+        "below_better_baseline": below,
         "feeds": feeds,
         "summarizer": not args.no_summarizer,
         "misses": misses,
