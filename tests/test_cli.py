@@ -3,6 +3,7 @@ stderr with exit status 2, nothing stored."""
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -569,3 +570,7 @@ def test_chat_shows_what_memory_does(tmp_path: Path) -> None:
     assert "[memory] summary updated in the background" in out
     assert "[memory] retrieved" in out and "my dog is called Pico" in out
     assert "session 'chat': 10 messages, 2 clears" in out
+    # each reply says what the session's kept KV state saved; a turn that only extends the
+    # last prompt reuses it
+    reused = [int(n) for n in re.findall(r"\[kv\] (\d+) prompt tokens reused", out)]
+    assert len(reused) == 5 and reused[0] == 0 and max(reused) > 0

@@ -22,6 +22,7 @@ from ._errors import (
     StorageError,
     TierMemError,
 )
+from ._kvstate import KVState, KVStateCache, KVStateStats
 from ._llm import LlamaChat
 from ._manager import KVCacheManager
 from ._pool import ModelPool
@@ -107,6 +108,9 @@ __all__ = [
     "KVCacheConfig",
     "KVCacheManager",
     "KVShape",
+    "KVState",
+    "KVStateCache",
+    "KVStateStats",
     "LLMSummarizer",
     "LlamaChat",
     "LoggingTelemetry",

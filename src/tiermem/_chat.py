@@ -8,12 +8,14 @@ newest entries that fit the window), and answers.
 
 from __future__ import annotations
 
+import time
 from typing import TextIO
 
 import anyio
 import anyio.to_thread
 
 from ._config import KVCacheConfig
+from ._kvstate import KVStateCache
 from ._llm import LlamaChat, resolve_gguf
 from ._manager import KVCacheManager
 from ._telemetry import SummaryEvent
@@ -23,6 +25,9 @@ SYSTEM = "You are a friendly assistant. Answer in one or two sentences."
 CHAT_WINDOW = 2048
 REPLY_TOKENS = 160
 RETRIEVED_SHOWN = 4
+# the kept KV states' RAM when the config sets no budget
+DEFAULT_STATE_BYTES = 1 << 30
+DEFAULT_STATE_SESSIONS = 64
 
 
 class _SummaryPrinter:
@@ -104,14 +109,29 @@ def build_prompt(
     return [{"role": "system", "content": "\n\n".join(system)}, *reversed(turns)]
 
 
-async def open_chat_model(mgr: KVCacheManager, name: str = "replies") -> LlamaChat:
+async def open_chat_model(
+    mgr: KVCacheManager, name: str = "replies", keep_states: bool = True
+) -> LlamaChat:
     """The configured GGUF (the bundled SmolLM2 by default) for writing replies: its own
     instance in the manager's model pool, beside the summarizer's, so a reply never queues
     behind a summary. Answer with `await model.complete(build_prompt(...), max_tokens,
-    timeout)`."""
+    timeout, session=(namespace, session_id))`: with `keep_states`, each session's KV
+    state is kept in RAM after a reply (under the config's `max_bytes_per_session`,
+    `max_bytes_total` and `max_sessions`, else 1 GiB and 64 sessions) and restored on its
+    next call instead of prefilled again."""
     config = mgr.config
     gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
-    return LlamaChat(gguf, CHAT_WINDOW, config.llm_threads, mgr.model_pool, name=name)
+    states = None
+    if keep_states:
+        total = config.max_bytes_total or DEFAULT_STATE_BYTES
+        states = KVStateCache(
+            max_bytes_per_session=config.max_bytes_per_session or total,
+            max_bytes_total=total,
+            max_sessions=config.max_sessions or DEFAULT_STATE_SESSIONS,
+        )
+    return LlamaChat(
+        gguf, CHAT_WINDOW, config.llm_threads, mgr.model_pool, name=name, kv_states=states
+    )
 
 
 async def run_chat(
@@ -142,8 +162,16 @@ async def run_chat(
             for note in describe(result):
                 say(note)
             cache = await mgr.get_active_cache(session, namespace=namespace)
+            started = time.perf_counter()
             text, _ = await llm.complete(
-                build_prompt(result, cache), REPLY_TOKENS, config.summary_timeout_seconds
+                build_prompt(result, cache),
+                REPLY_TOKENS,
+                config.summary_timeout_seconds,
+                session=(namespace, session),
+            )
+            say(
+                f"[kv] {llm.last_reused} prompt tokens reused from the session's kept state, "
+                f"{llm.last_prefilled} prefilled; reply in {time.perf_counter() - started:.1f} s"
             )
             say(f"assistant: {text}")
             reply = [Message("assistant", text)]

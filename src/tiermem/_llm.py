@@ -21,6 +21,7 @@ import anyio.to_thread
 
 from ._config import KVShape
 from ._errors import ModelError
+from ._kvstate import KVStateCache, StateKey, capture, common_prefix, fingerprint, restore
 from ._pool import ModelPool
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -185,9 +186,12 @@ class LlamaChat:
         pool: ModelPool,
         bytes_per_token: int = 0,
         name: str | None = None,
+        kv_states: KVStateCache | None = None,
     ) -> None:
         """`name` tells apart two instances of one file in a pool (a chat beside the
-        summarizer)."""
+        summarizer). With `kv_states`, a call made for a session keeps the session's KV
+        state after the reply and restores it on the session's next call (see
+        `_kvstate`)."""
         self.path = path
         self.n_ctx = n_ctx
         self._n_threads = n_threads
@@ -198,6 +202,12 @@ class LlamaChat:
         pool.register(self.slot, self._load, size, lambda loaded: loaded[0].close())
         self._stop = threading.Event()
         self.calls = 0
+        self.kv_states = kv_states
+        # (the loaded model's id, the session) whose state the live context holds
+        self._live: tuple[int, StateKey] | None = None
+        # tokens of the last call's prompt taken from a kept state, and prefilled
+        self.last_reused = 0
+        self.last_prefilled = 0
 
     @property
     def loaded(self) -> bool:
@@ -208,7 +218,11 @@ class LlamaChat:
         self._stop.set()
 
     async def complete(
-        self, messages: list[dict[str, str]], max_tokens: int, timeout: float
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        timeout: float,
+        session: StateKey | None = None,
     ) -> tuple[str, int]:
         """Greedy chat completion; returns the text and its token count.
 
@@ -216,59 +230,122 @@ class LlamaChat:
         running llama.cpp cannot be cancelled from outside; it counts from when this call
         gets the model, not the time spent queued behind other calls.
         """
-        async with self.pool.use(self.slot) as (llama, formatter):
+        async with self.pool.use(self.slot) as loaded:
             return await anyio.to_thread.run_sync(
                 self._complete,
-                llama,
-                formatter,
+                loaded,
                 messages,
                 max_tokens,
                 timeout,
+                session if self.kv_states is not None else None,
                 limiter=self._limiter,
             )
 
-    def _load(self) -> tuple[Any, Any]:
-        """Blocking: the model and its chat formatter."""
+    def _load(self) -> tuple[Any, Any, str]:
+        """Blocking: the model, its chat formatter and what a KV state made with them
+        must match (see `_kvstate.fingerprint`)."""
         llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads)
-        return llama, _make_formatter(llama, self.path)
+        template = str(llama.metadata.get("tokenizer.chat_template", ""))
+        print_ = fingerprint(llama, self.path, template) if self.kv_states is not None else ""
+        return llama, _make_formatter(llama, self.path), print_
 
     def _complete(
         self,
-        llama: Any,
-        formatter: Any,
+        loaded: tuple[Any, Any, str],
         messages: list[dict[str, str]],
         max_tokens: int,
         timeout: float,
+        session: StateKey | None,
     ) -> tuple[str, int]:
         import llama_cpp
 
+        llama, formatter, print_ = loaded
         deadline = time.monotonic() + timeout
         if self._stop.is_set():
             raise ModelError("the model is shutting down")
         self.calls += 1
         prompt, stop = _format(formatter, messages)
+        tokens = _tokenize(llama, prompt)
+        if session is None:
+            llama.reset()
+            self._live = None
+        else:
+            self._prepare(llama, print_, session, tokens)
         late = llama_cpp.StoppingCriteriaList(
             [lambda _ids, _logits: time.monotonic() > deadline or self._stop.is_set()]
         )
+        kept = False
         try:
             out = llama.create_completion(
-                prompt=prompt,
+                prompt=tokens,
                 max_tokens=max_tokens,
                 temperature=0.0,
                 repeat_penalty=1.1,
                 stop=stop,
                 stopping_criteria=late,
             )
+            kept = session is not None and self._keep(llama, print_, session)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"generation failed: {exc}") from exc
         finally:
-            llama.reset()
+            if not kept:
+                llama.reset()
+                self._live = None
         if self._stop.is_set():
             raise ModelError("generation stopped: the model is shutting down")
         if time.monotonic() > deadline:
             raise ModelError("generation ran past its timeout")
         text = str(out["choices"][0]["text"] or "").strip()
         return text, int(out["usage"]["completion_tokens"])
+
+    def _prepare(self, llama: Any, print_: str, session: StateKey, tokens: list[int]) -> None:
+        """Put the session's kept state in the context unless it is there already; then
+        count what the prompt reuses (llama-cpp-python's prefix match keeps the common
+        prefix of the context and the prompt, and replays one token when the prompt is
+        all prefix)."""
+        assert self.kv_states is not None
+        stats = self.kv_states.stats
+        if self._live != (id(llama), session):
+            state = self.kv_states.get(session)
+            if state is not None:
+                if restore(llama, state, print_):
+                    stats.restores += 1
+                else:
+                    stats.rejected += 1
+                    self.kv_states.drop(session)
+            self._live = None
+        held = int(llama.n_tokens)
+        reused = min(common_prefix(list(llama.input_ids[:held]), tokens), len(tokens) - 1)
+        reused = max(reused, 0)
+        if reused <= 0:
+            stats.misses += 1
+        elif reused >= held - 1:
+            stats.hits += 1
+        else:
+            stats.partial_hits += 1
+        stats.tokens_reused += reused
+        stats.tokens_prefilled += len(tokens) - reused
+        self.last_reused, self.last_prefilled = reused, len(tokens) - reused
+
+    def _keep(self, llama: Any, print_: str, session: StateKey) -> bool:
+        """Copy the context's state out for the session (its longest prefix under the
+        session's budget); the live context now holds it."""
+        assert self.kv_states is not None
+        state = capture(llama, print_, self.kv_states.max_bytes_per_session)
+        if state is None:
+            self.kv_states.drop(session)
+            return False
+        self.kv_states.put(session, state)
+        self._live = (id(llama), session)
+        return True
+
+
+def _tokenize(llama: Any, prompt: str) -> list[int]:
+    """The prompt's tokens as `create_completion` makes them from a string (a BOS first
+    when the model adds one)."""
+    bos = llama.token_bos()
+    first = [bos] if bos != -1 and llama._model.add_bos_token() else []
+    return first + list(llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
 
 def _make_formatter(llama: Any, path: Path) -> Any:
