@@ -125,7 +125,9 @@ def test_a_conversation_through_several_clears(tmp_path: Path) -> None:
         assert max(r["active_entries"] for r in replies) <= 6
         last = replies[-1]
         assert any("Pico" in text for text in last["retrieved"])
-        assert "Our new puppy is called Pico." in shown[-1][0]["content"]
+        # the retrieved message is shown in this turn's note, just before its question
+        assert "Our new puppy is called Pico." in shown[-1][-2]["content"]
+        assert shown[-1][-1] == {"role": "user", "content": "What is the puppy called?"}
 
         assert_reason(client.post("/chat", json={"session_id": "ana", "messages": []}), 422)
         assert_reason(client.post("/chat", json=turn("   ", "ana")), 422)

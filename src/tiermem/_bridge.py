@@ -22,8 +22,11 @@ def summary_bridge(summary: str) -> str:
     return f"[Memory compressed — conversation summary up to this point:]\n{summary}"
 
 
+PRIOR_SUMMARY = "[Prior conversation summary — context before memory compression:]"
+
+
 def prior_summary_bridge(summary: str) -> str:
-    return f"[Prior conversation summary — context before memory compression:]\n{summary}"
+    return f"{PRIOR_SUMMARY}\n{summary}"
 
 
 def retrieval_bridge(count: int, tier: int, keywords: Sequence[str], similarity: float) -> str:

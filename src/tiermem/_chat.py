@@ -14,6 +14,7 @@ from typing import TextIO
 import anyio
 import anyio.to_thread
 
+from . import _bridge as bridge
 from ._config import KVCacheConfig
 from ._kvstate import KVStateCache
 from ._llm import LlamaChat, resolve_gguf
@@ -25,6 +26,10 @@ SYSTEM = "You are a friendly assistant. Answer in one or two sentences."
 CHAT_WINDOW = 2048
 REPLY_TOKENS = 160
 RETRIEVED_SHOWN = 4
+# a prompt's room for what belongs to one turn only (bridges, retrieved messages)
+CONTEXT_TOKENS = 384
+# when the window is full, the history's start moves by this many entries at once
+TRIM_BLOCK = 8
 # the kept KV states' RAM when the config sets no budget
 DEFAULT_STATE_BYTES = 1 << 30
 DEFAULT_STATE_SESSIONS = 64
@@ -85,28 +90,41 @@ def build_prompt(
     system_prompt: str = SYSTEM,
     reply_tokens: int = REPLY_TOKENS,
 ) -> list[dict[str, str]]:
-    """The messages a chat model should see after a turn: the system text with the turn's
-    bridges and retrieved messages, then the newest active-cache entries that fit the
-    window (leaving `reply_tokens` for the answer)."""
-    system = [system_prompt, *result.bridge_messages]
+    """The messages a chat model should see after a turn, laid out stable-first so that a
+    turn extends the previous prompt and a kept KV state stays valid: the system text
+    with the summary so far (it changes only when a new summary lands), the active cache's
+    turns from a start that moves a block of `TRIM_BLOCK` entries at a time when the
+    window is full, then what belongs to this turn only (its bridges and the retrieved
+    messages, in `CONTEXT_TOKENS` at most) just before the newest user message."""
+    stable = [b for b in result.bridge_messages if b.startswith(bridge.PRIOR_SUMMARY)]
+    system = "\n\n".join([system_prompt, *stable])
+    notes = [b for b in result.bridge_messages if b not in stable]
     retrieval = result.retrieval_result
-    in_cache = {e.message_id for e in cache}
+    turns = [e for e in cache if e.role in ("user", "assistant")]
+    in_cache = {e.message_id for e in turns}
     if retrieval is not None:
         recalled = [e.text for e in retrieval.entries if not set(e.message_ids) & in_cache][
             :RETRIEVED_SHOWN
         ]
         if recalled:
-            system.append(
+            notes.append(
                 "Earlier messages that may help:\n" + "\n".join(f"- {t}" for t in recalled)
             )
-    budget = window_tokens - reply_tokens - sum(len(s) // 3 for s in system)
-    turns: list[dict[str, str]] = []
-    for entry in reversed([e for e in cache if e.role in ("user", "assistant")]):
-        budget -= entry.token_count + 8
-        if budget < 0 and turns:
-            break
-        turns.append({"role": entry.role, "content": entry.text})
-    return [{"role": "system", "content": "\n\n".join(system)}, *reversed(turns)]
+    context = "\n\n".join(notes)[: CONTEXT_TOKENS * 3]
+    budget = window_tokens - reply_tokens - len(system) // 3 - CONTEXT_TOKENS
+    start = len(turns)
+    while start > 0 and budget - (turns[start - 1].token_count + 8) >= 0:
+        start -= 1
+        budget -= turns[start].token_count + 8
+    if start > 0:  # trimmed: from the next block's first entry, so the start stays put
+        start = min(-(-start // TRIM_BLOCK) * TRIM_BLOCK, len(turns) - 1)
+    kept = [{"role": e.role, "content": e.text} for e in turns[start:]]
+    if not kept and turns:
+        kept = [{"role": turns[-1].role, "content": turns[-1].text}]
+    last_user = len(kept) - 1 if kept and kept[-1]["role"] == "user" else len(kept)
+    if context:
+        kept.insert(last_user, {"role": "system", "content": context})
+    return [{"role": "system", "content": system}, *kept]
 
 
 async def open_chat_model(
