@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 REPLY_TOKENS = 160  # the longest reply the bundled model writes
 
-# writes the assistant's reply from the messages a model should see
-Responder = Callable[[list[dict[str, str]]], Awaitable[str]]
+# writes the assistant's reply from the messages a model should see, for a (namespace,
+# session): a model that keeps KV states restores the session's instead of prefilling
+Responder = Callable[[list[dict[str, str]], tuple[str, str]], Awaitable[str]]
 Endpoint = Callable[[Request], Awaitable[JSONResponse]]
 
 
@@ -52,8 +53,10 @@ async def bundled_responder(mgr: tiermem.KVCacheManager) -> Responder:
     """Replies from the configured GGUF (the bundled SmolLM2 by default)."""
     llm = await tiermem.open_chat_model(mgr, "replies")
 
-    async def respond(messages: list[dict[str, str]]) -> str:
-        text, _ = await llm.complete(messages, REPLY_TOKENS, mgr.config.summary_timeout_seconds)
+    async def respond(messages: list[dict[str, str]], session: tuple[str, str]) -> str:
+        text, _ = await llm.complete(
+            messages, REPLY_TOKENS, mgr.config.summary_timeout_seconds, session=session
+        )
         return text
 
     return respond
@@ -110,8 +113,8 @@ async def chat(request: Request) -> JSONResponse:
         raise HTTPException(422, "messages must end with the user's new message")
     result = await mgr.process_conversation(sid, messages, namespace=ns)
     cache = await mgr.get_active_cache(sid, namespace=ns)
-    # the bridges and retrieved messages, then the newest active entries that fit
-    reply = await request.app.state.respond(tiermem.build_prompt(result, cache))
+    # laid out stable-first: the session's kept KV state covers all but this turn's part
+    reply = await request.app.state.respond(tiermem.build_prompt(result, cache), (ns, sid))
     clear = result.clear_result
     return JSONResponse(
         {

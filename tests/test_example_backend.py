@@ -52,7 +52,7 @@ class StandIn:
         self.db = db
 
     async def __call__(self, mgr: tiermem.KVCacheManager) -> Responder:
-        async def respond(messages: list[dict[str, str]]) -> str:
+        async def respond(messages: list[dict[str, str]], session: tuple[str, str]) -> str:
             self.shown.append(messages)
             if messages[-1]["content"] == "crash":
                 raise RuntimeError(f"the responder broke on {self.db}")
@@ -100,10 +100,12 @@ def assert_reason(response: httpx.Response, *statuses: int) -> str:
 @pytest.mark.real_models
 def test_a_conversation_through_several_clears(tmp_path: Path) -> None:
     shown: list[list[dict[str, str]]] = []
+    sessions: set[tuple[str, str]] = set()
 
     async def responder(mgr: tiermem.KVCacheManager) -> Responder:
-        async def respond(messages: list[dict[str, str]]) -> str:
+        async def respond(messages: list[dict[str, str]], session: tuple[str, str]) -> str:
             shown.append(messages)
+            sessions.add(session)  # the session whose kept KV state a model would restore
             return f"Noted ({len(shown)})."
 
         return respond
@@ -128,6 +130,7 @@ def test_a_conversation_through_several_clears(tmp_path: Path) -> None:
         # the retrieved message is shown in this turn's note, just before its question
         assert "Our new puppy is called Pico." in shown[-1][-2]["content"]
         assert shown[-1][-1] == {"role": "user", "content": "What is the puppy called?"}
+        assert sessions == {("default", "ana")}
 
         assert_reason(client.post("/chat", json={"session_id": "ana", "messages": []}), 422)
         assert_reason(client.post("/chat", json=turn("   ", "ana")), 422)
