@@ -119,8 +119,6 @@ def build_prompt(
     if start > 0:  # trimmed: from the next block's first entry, so the start stays put
         start = min(-(-start // TRIM_BLOCK) * TRIM_BLOCK, len(turns) - 1)
     kept = [{"role": e.role, "content": e.text} for e in turns[start:]]
-    if not kept and turns:
-        kept = [{"role": turns[-1].role, "content": turns[-1].text}]
     last_user = len(kept) - 1 if kept and kept[-1]["role"] == "user" else len(kept)
     if context:
         kept.insert(last_user, {"role": "system", "content": context})
