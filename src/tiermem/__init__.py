@@ -22,7 +22,8 @@ from ._errors import (
     StorageError,
     TierMemError,
 )
-from ._kvstate import KVState, KVStateCache, KVStateStats
+from ._kvdisk import KVStateDisk
+from ._kvstate import KVState, KVStateCache
 from ._llm import LlamaChat
 from ._manager import KVCacheManager
 from ._pool import ModelPool
@@ -49,6 +50,7 @@ from ._telemetry import (
     ClearEvent,
     EvictionEvent,
     JsonFormatter,
+    KVStateEvent,
     LoggingTelemetry,
     MaintenanceEvent,
     NoTelemetry,
@@ -67,6 +69,7 @@ from ._types import (
     CacheStatisticsExport,
     ClearReason,
     EvictionReason,
+    KVStateStats,
     MaintenanceResult,
     ManagerStatus,
     Message,
@@ -110,6 +113,8 @@ __all__ = [
     "KVShape",
     "KVState",
     "KVStateCache",
+    "KVStateDisk",
+    "KVStateEvent",
     "KVStateStats",
     "LLMSummarizer",
     "LlamaChat",

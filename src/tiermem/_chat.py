@@ -16,6 +16,7 @@ import anyio.to_thread
 
 from . import _bridge as bridge
 from ._config import KVCacheConfig
+from ._kvdisk import KVStateDisk
 from ._kvstate import KVStateCache
 from ._llm import LlamaChat, resolve_gguf
 from ._manager import KVCacheManager
@@ -131,23 +132,42 @@ async def open_chat_model(
     """The configured GGUF (the bundled SmolLM2 by default) for writing replies: its own
     instance in the manager's model pool, beside the summarizer's, so a reply never queues
     behind a summary. Answer with `await model.complete(build_prompt(...), max_tokens,
-    timeout, session=(namespace, session_id))`: with `keep_states`, each session's KV
-    state is kept in RAM after a reply (under the config's `max_bytes_per_session`,
-    `max_bytes_total` and `max_sessions`, else 1 GiB and 64 sessions) and restored on its
-    next call instead of prefilled again."""
+    timeout, session=(namespace, session_id))`.
+
+    With `keep_states`, each session's KV state is kept after a reply and restored on its
+    next call instead of prefilled again: in RAM under the config's
+    `max_bytes_per_session`, `max_bytes_total`, `max_sessions` (else 1 GiB and 64
+    sessions) and `idle_eviction_seconds`, then on disk under `kv_state_disk_bytes`, in
+    `kv_state_dir` or beside the database (a folder per `name`). The model is attached to
+    the manager (`attach_chat`)."""
     config = mgr.config
     gguf = await anyio.to_thread.run_sync(resolve_gguf, config.llm_model_path)
     states = None
     if keep_states:
         total = config.max_bytes_total or DEFAULT_STATE_BYTES
+        folder = mgr.kv_state_dir
+        disk = None
+        if folder is not None and config.kv_state_disk_bytes > 0 and not config.read_only:
+            disk = await anyio.to_thread.run_sync(
+                KVStateDisk, folder / name, config.kv_state_disk_bytes
+            )
         states = KVStateCache(
             max_bytes_per_session=config.max_bytes_per_session or total,
             max_bytes_total=total,
             max_sessions=config.max_sessions or DEFAULT_STATE_SESSIONS,
+            disk=disk,
+            idle_seconds=config.idle_eviction_seconds,
         )
-    return LlamaChat(
-        gguf, CHAT_WINDOW, config.llm_threads, mgr.model_pool, name=name, kv_states=states
+    chat = LlamaChat(
+        gguf,
+        CHAT_WINDOW,
+        config.llm_threads,
+        mgr.model_pool,
+        name=name,
+        kv_states=states,
     )
+    mgr.attach_chat(chat)
+    return chat
 
 
 async def run_chat(

@@ -178,6 +178,10 @@ class KVCacheConfig(_Model):
     # is the seed's name for it, still accepted)
     max_entries_per_session: int = Field(default=1000, ge=1)
     idle_eviction_seconds: float = Field(default=3600.0, gt=0.0)
+    # kept KV states of a chat model (`open_chat_model`): their disk tier's folder (default:
+    # beside the database, "<db>.kvstates") and its byte budget (0: no disk tier)
+    kv_state_dir: str | None = None
+    kv_state_disk_bytes: int = Field(default=4 * 2**30, ge=0)
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     # a message's metadata, as JSON
     max_metadata_bytes: int = Field(default=64 * 1024, ge=2)

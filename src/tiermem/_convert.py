@@ -17,6 +17,7 @@ from ._sessions import Session, SessionMemory
 from ._store import MessageRow, SessionRow, SnapshotRow, Store, SummaryRow
 from ._types import (
     ActiveEntry,
+    KVStateStats,
     ManagerStatus,
     PreservedEntry,
     RetrievedEntry,
@@ -112,7 +113,12 @@ def hit(candidate: Candidate, keywords: Sequence[str]) -> RetrievedEntry:
     )
 
 
-def status(parts: Parts, memory: SessionMemory, summaries_pending: int) -> ManagerStatus:
+def status(
+    parts: Parts,
+    memory: SessionMemory,
+    summaries_pending: int,
+    kv_states: KVStateStats | None = None,
+) -> ManagerStatus:
     sessions = memory.sessions
     models: dict[str, Any] = {
         **parts.pool.stats(),
@@ -137,6 +143,7 @@ def status(parts: Parts, memory: SessionMemory, summaries_pending: int) -> Manag
         misses=memory.misses,
         rss_bytes=psutil.Process().memory_info().rss,
         models=models,
+        kv_states=kv_states,
     )
 
 

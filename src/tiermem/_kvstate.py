@@ -1,4 +1,5 @@
-"""Per-session llama.cpp KV state, restored instead of re-prefilled (the RAM tier).
+"""Per-session llama.cpp KV state, restored instead of re-prefilled: the RAM tier, spilling
+to the disk tier (`_kvdisk`).
 
 After a reply, the context's sequence state (`llama_state_seq_get_data`: the KV cells of
 the prompt so far and the reply) is copied out with the token ids it holds. On the
@@ -8,25 +9,37 @@ prefilled. Greedy output is the same as a cold prefill's.
 
 A state is valid only where it was made: the same GGUF (its sha256), llama.cpp build, KV
 types, flash attention, rope/yarn parameters and chat template (the fingerprint), in a
-context with room for its tokens; it carries a crc32 of its bytes. Anything that does not
-match is a cold prefill, never a load: llama.cpp loads a state with another rope base or
-flipped bytes without complaint, and its output is wrong.
+context with room for its tokens; it carries a crc32 of its token ids and bytes. Anything
+that does not match is a cold prefill, never a load: llama.cpp loads a state with another
+rope base or flipped bytes without complaint, and its output is wrong.
 
-The tier is an LRU of states under exact byte budgets (a state costs its bytes: 23,052 a
-token + 744 for the bundled model): per session, in total, and a number of states. A
-session over its own budget keeps the longest prefix that fits. Everything here runs in
-the model's worker thread, one call at a time (the caller's limiter).
+The RAM tier is an LRU of states under exact byte budgets (a state costs its bytes: 23,052
+a token + 744 for the bundled model): per session, in total, a number of states, and an
+idle time. A session over its own budget keeps the longest prefix that fits. A state that
+leaves RAM spills to the disk tier, when there is one, by a writer thread (the reply does
+not wait for the file); a session's next call finds it there, after a restart too.
+Everything else runs in the model's worker thread, one call at a time (the caller's
+limiter).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import threading
+import time
 import zlib
+from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from ._kvdisk import KVStateDisk
+from ._telemetry import KVStateEvent
+from ._types import EvictionReason, KVStateStats
 
 StateKey = tuple[str, str]  # (namespace, session)
 
@@ -37,6 +50,9 @@ _file_hashes: dict[tuple[str, int, int], str] = {}
 
 @dataclass(frozen=True, slots=True)
 class KVState:
+    """A context's sequence state (`data`), the token ids it holds, the crc32 of both and
+    the fingerprint of what it is valid in."""
+
     tokens: tuple[int, ...]
     data: bytes
     crc: int
@@ -47,56 +63,196 @@ class KVState:
         return len(self.data)
 
 
-@dataclass(slots=True)
-class KVStateStats:
-    """What the tier did: states and bytes held, and per call whether a state was found
-    (hit: all of it reused; partial: a prefix), tokens reused and prefilled."""
-
-    states: int = 0
-    bytes: int = 0
-    hits: int = 0
-    partial_hits: int = 0
-    misses: int = 0
-    rejected: int = 0
-    tokens_reused: int = 0
-    tokens_prefilled: int = 0
-    evictions: int = 0
-    restores: int = 0
+def checksum(tokens: tuple[int, ...] | list[int], data: bytes) -> int:
+    """crc32 of the token ids and the state: a flipped token id would have the state
+    reused for a prompt it does not hold."""
+    return zlib.crc32(data, zlib.crc32(array("i", tokens).tobytes()))
 
 
 @dataclass(slots=True)
+class _Held:
+    state: KVState
+    used: float
+    on_disk: bool  # the disk tier holds this very state: leaving RAM writes nothing
+
+
 class KVStateCache:
-    """The RAM tier: states by (namespace, session), least recently used first out."""
+    """The RAM tier: states by (namespace, session), least recently used first out, to
+    `disk` when given. `idle_seconds`: a state unused that long leaves RAM too."""
 
-    max_bytes_per_session: int
-    max_bytes_total: int
-    max_sessions: int
-    stats: KVStateStats = field(default_factory=KVStateStats)
-    _states: OrderedDict[StateKey, KVState] = field(default_factory=OrderedDict)
+    def __init__(
+        self,
+        *,
+        max_bytes_per_session: int,
+        max_bytes_total: int,
+        max_sessions: int,
+        disk: KVStateDisk | None = None,
+        idle_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_bytes_per_session = max_bytes_per_session
+        self.max_bytes_total = max_bytes_total
+        self.max_sessions = max_sessions
+        self.disk = disk
+        self.idle_seconds = idle_seconds
+        self._clock = clock
+        self.stats = KVStateStats()
+        self._states: OrderedDict[StateKey, _Held] = OrderedDict()
+        self._lock = threading.Lock()  # the RAM tier and the spills in flight
+        self._disk_writes = threading.Lock()  # a spill's write against a drop's delete
+        self._spilling: dict[StateKey, KVState] = {}
+        self._writer = ThreadPoolExecutor(1, "tiermem-kv-spill") if disk is not None else None
+        self._events: list[KVStateEvent] = []
 
     def get(self, key: StateKey) -> KVState | None:
-        state = self._states.get(key)
+        """The session's state from any tier (see `lookup`)."""
+        found = self.lookup(key)
+        return found[0] if found else None
+
+    def lookup(self, key: StateKey) -> tuple[KVState, bool] | None:
+        """The session's state from RAM, or from a spill in flight, or from disk (then
+        it is in RAM again), and whether it came from disk; None when no tier has one."""
+        with self._lock:
+            held = self._states.get(key)
+            if held is not None:
+                self._states.move_to_end(key)
+                held.used = self._clock()
+                return held.state, False
+            state = self._spilling.get(key)
         if state is not None:
-            self._states.move_to_end(key)
-        return state
+            return state, False
+        if self.disk is None or (state := self.disk.read(key)) is None:
+            return None
+        self._hold(key, state, on_disk=True)
+        return state, True
 
     def put(self, key: StateKey, state: KVState) -> None:
-        self.drop(key)
-        self._states[key] = state
-        self.stats.bytes += state.nbytes
-        while len(self._states) > 1 and (
-            self.stats.bytes > self.max_bytes_total or len(self._states) > self.max_sessions
-        ):
-            oldest = next(iter(self._states))
-            self.drop(oldest)
-            self.stats.evictions += 1
-        self.stats.states = len(self._states)
+        """Keep `state` as the session's newest (it must fit `max_bytes_per_session`:
+        `capture` cuts it so); older states leave RAM while over the budgets."""
+        self._hold(key, state, on_disk=False)
+        self.evict_idle()
 
     def drop(self, key: StateKey) -> None:
-        state = self._states.pop(key, None)
-        if state is not None:
-            self.stats.bytes -= state.nbytes
-        self.stats.states = len(self._states)
+        """Forget the session's state in every tier (deleted, or found invalid)."""
+        with self._lock:
+            self._forget(key)
+            self._spilling.pop(key, None)
+        if self.disk is not None:
+            with self._disk_writes:
+                self.disk.drop(key)
+
+    def evict_idle(self) -> int:
+        """States unused for `idle_seconds` leave RAM (to disk); how many left."""
+        if self.idle_seconds is None:
+            return 0
+        cutoff = self._clock() - self.idle_seconds
+        with self._lock:
+            idle = [k for k, held in self._states.items() if held.used <= cutoff]
+            for key in idle:
+                self._evict(key, EvictionReason.IDLE)
+        return len(idle)
+
+    def close(self) -> None:
+        """Spill every state RAM holds (a restart finds them), wait for the writes, close
+        the disk tier. Blocking."""
+        if self._writer is None:
+            return
+        with self._lock:
+            for key in list(self._states):
+                self._evict(key, None)
+        self._writer.shutdown(wait=True)
+        assert self.disk is not None
+        self.disk.close()
+
+    def snapshot(self) -> KVStateStats:
+        """The figures now, the disk tier's usage read from its index. Blocking."""
+        with self._lock:
+            stats = replace(self.stats)
+        if self.disk is not None:
+            stats.disk_states, stats.disk_bytes = self.disk.usage()
+            stats.disk_evictions = self.disk.evictions
+        return stats
+
+    def take_events(self) -> list[KVStateEvent]:
+        """The events since the last call (emitted on the event loop by the caller)."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def _hold(self, key: StateKey, state: KVState, on_disk: bool) -> None:
+        with self._lock:
+            self._forget(key)
+            self._states[key] = _Held(state, self._clock(), on_disk)
+            self.stats.bytes += state.nbytes
+            while len(self._states) > 1 and (
+                self.stats.bytes > self.max_bytes_total or len(self._states) > self.max_sessions
+            ):
+                over_sessions = len(self._states) > self.max_sessions
+                self._evict(
+                    next(iter(self._states)),
+                    EvictionReason.SESSION_LIMIT if over_sessions else EvictionReason.MEMORY_BUDGET,
+                )
+            self.stats.states = len(self._states)
+
+    def _forget(self, key: StateKey) -> _Held | None:
+        held = self._states.pop(key, None)
+        if held is not None:
+            self.stats.bytes -= held.state.nbytes
+            self.stats.states = len(self._states)
+        return held
+
+    def _evict(self, key: StateKey, reason: EvictionReason | None) -> None:
+        """Out of RAM (the lock held), to the disk tier unless it has this state already."""
+        held = self._forget(key)
+        if held is None:
+            return
+        spill = self._writer is not None and not held.on_disk
+        if reason is not None:
+            self.stats.evictions += 1
+            self._events.append(
+                KVStateEvent(
+                    key[1],
+                    key[0],
+                    "evicted",
+                    reason.value,
+                    len(held.state.tokens),
+                    held.state.nbytes,
+                    "disk" if spill or held.on_disk else None,
+                )
+            )
+        if spill:
+            assert self._writer is not None
+            self._spilling[key] = held.state
+            self._writer.submit(self._spill, key, held.state)
+
+    def _spill(self, key: StateKey, state: KVState) -> None:
+        """Write one state to disk (the writer thread), unless dropped or replaced since."""
+        assert self.disk is not None
+        with self._disk_writes:
+            with self._lock:
+                if self._spilling.get(key) is not state:
+                    return
+            try:
+                self.disk.write(key, state)
+            except OSError as exc:
+                with self._lock:
+                    self._events.append(
+                        KVStateEvent(
+                            key[1],
+                            key[0],
+                            "spill_failed",
+                            str(exc),
+                            len(state.tokens),
+                            state.nbytes,
+                            None,
+                        )
+                    )
+            else:
+                self.stats.spills += 1
+            finally:
+                with self._lock:
+                    if self._spilling.get(key) is state:
+                        del self._spilling[key]
 
 
 def fingerprint(llama: Any, path: Path, template: str) -> str:
@@ -155,7 +311,8 @@ def capture(llama: Any, print_: str, max_bytes: int) -> KVState | None:
     buffer = (ctypes.c_uint8 * size)()
     written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
     data = bytes(buffer)[:written]
-    return KVState(tuple(int(t) for t in llama.input_ids[:n]), data, zlib.crc32(data), print_)
+    tokens = tuple(int(t) for t in llama.input_ids[:n])
+    return KVState(tokens, data, checksum(tokens, data), print_)
 
 
 def restore(llama: Any, state: KVState, print_: str) -> bool:
@@ -169,7 +326,7 @@ def restore(llama: Any, state: KVState, print_: str) -> bool:
     if (
         state.fingerprint != print_
         or len(state.tokens) >= llama.n_ctx()
-        or zlib.crc32(state.data) != state.crc
+        or checksum(state.tokens, state.data) != state.crc
     ):
         return False
     buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)

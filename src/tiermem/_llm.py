@@ -21,8 +21,17 @@ import anyio.to_thread
 
 from ._config import KVShape
 from ._errors import ModelError
-from ._kvstate import KVStateCache, StateKey, capture, common_prefix, fingerprint, restore
+from ._kvstate import (
+    KVStateCache,
+    StateKey,
+    capture,
+    common_prefix,
+    fingerprint,
+    restore,
+)
 from ._pool import ModelPool
+from ._telemetry import Guarded, NoTelemetry, Telemetry
+from ._types import KVStateStats
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOAD_LOCK = threading.Lock()
@@ -187,14 +196,21 @@ class LlamaChat:
         bytes_per_token: int = 0,
         name: str | None = None,
         kv_states: KVStateCache | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        llama_options: dict[str, Any] | None = None,
     ) -> None:
         """`name` tells apart two instances of one file in a pool (a chat beside the
         summarizer). With `kv_states`, a call made for a session keeps the session's KV
         state after the reply and restores it on the session's next call (see
-        `_kvstate`)."""
+        `_kvstate`); `telemetry` gets its events. `llama_options` go to `Llama(...)` as
+        they are (KV types, flash attention, rope parameters: a kept state is only
+        restored into a context made the same way)."""
         self.path = path
         self.n_ctx = n_ctx
         self._n_threads = n_threads
+        self._options = dict(llama_options or {})
+        self.telemetry: Telemetry = Guarded(telemetry or NoTelemetry())
         self._limiter = anyio.CapacityLimiter(1)
         self.pool = pool
         self.slot = f"llm:{name or path.name}"
@@ -230,21 +246,71 @@ class LlamaChat:
         running llama.cpp cannot be cancelled from outside; it counts from when this call
         gets the model, not the time spent queued behind other calls.
         """
+        try:
+            async with self.pool.use(self.slot) as loaded:
+                return await anyio.to_thread.run_sync(
+                    self._complete,
+                    loaded,
+                    messages,
+                    max_tokens,
+                    timeout,
+                    session if self.kv_states is not None else None,
+                    limiter=self._limiter,
+                )
+        finally:
+            self._emit_events()
+
+    async def forget(self, session: StateKey) -> None:
+        """Drop the session's kept state from every tier, and from the live context if it
+        holds it (a deleted session leaves no KV behind)."""
+        if self.kv_states is None:
+            return
+        if not self.loaded:  # no live context: only the tiers
+            await anyio.to_thread.run_sync(self._forget, None, session, limiter=self._limiter)
+            return
         async with self.pool.use(self.slot) as loaded:
-            return await anyio.to_thread.run_sync(
-                self._complete,
-                loaded,
-                messages,
-                max_tokens,
-                timeout,
-                session if self.kv_states is not None else None,
-                limiter=self._limiter,
-            )
+            await anyio.to_thread.run_sync(self._forget, loaded[0], session, limiter=self._limiter)
+
+    def evict_idle(self) -> int:
+        """Kept states unused for the cache's idle time leave RAM (spilled to disk)."""
+        if self.kv_states is None:
+            return 0
+        evicted = self.kv_states.evict_idle()
+        self._emit_events()
+        return evicted
+
+    async def state_stats(self) -> KVStateStats | None:
+        """The kept states' figures (RAM and disk tiers); None when it keeps none."""
+        if self.kv_states is None:
+            return None
+        return await anyio.to_thread.run_sync(self.kv_states.snapshot)
+
+    async def close_states(self) -> None:
+        """Spill the kept states in RAM to the disk tier and wait for the writes (at
+        shutdown: a restart finds them)."""
+        if self.kv_states is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.kv_states.close)
+            self._emit_events()
+
+    def _emit_events(self) -> None:
+        if self.kv_states is not None:
+            for event in self.kv_states.take_events():
+                self.telemetry.emit(event)
+
+    def _forget(self, llama: Any, session: StateKey) -> None:
+        """In the model's turn, so no call in flight puts the state back after."""
+        assert self.kv_states is not None
+        self.kv_states.drop(session)
+        if llama is not None and self._live == (id(llama), session):
+            llama.reset()
+            llama._ctx.kv_cache_clear()
+            self._live = None
 
     def _load(self) -> tuple[Any, Any, str]:
         """Blocking: the model, its chat formatter and what a KV state made with them
         must match (see `_kvstate.fingerprint`)."""
-        llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads)
+        llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads, **self._options)
         template = str(llama.metadata.get("tokenizer.chat_template", ""))
         print_ = fingerprint(llama, self.path, template) if self.kv_states is not None else ""
         return llama, _make_formatter(llama, self.path), print_
@@ -306,13 +372,16 @@ class LlamaChat:
         assert self.kv_states is not None
         stats = self.kv_states.stats
         if self._live != (id(llama), session):
-            state = self.kv_states.get(session)
-            if state is not None:
-                if restore(llama, state, print_):
-                    stats.restores += 1
-                else:
+            found = self.kv_states.lookup(session)
+            if found is not None:
+                state, from_disk = found
+                if not restore(llama, state, print_):
                     stats.rejected += 1
                     self.kv_states.drop(session)
+                elif from_disk:
+                    stats.disk_restores += 1
+                else:
+                    stats.restores += 1
             self._live = None
         held = int(llama.n_tokens)
         reused = min(common_prefix(list(llama.input_ids[:held]), tokens), len(tokens) - 1)

@@ -27,6 +27,7 @@ from ._errors import (
     NotFoundError,
 )
 from ._intake import Intake, check_text, validate_off_loop
+from ._llm import LlamaChat
 from ._loop import MemoryLoop
 from ._opening import Parts, check_changeable, open_parts
 from ._pool import ModelPool
@@ -135,6 +136,8 @@ class KVCacheManager:
                 for session in self._sessions:
                     async with self._sessions.locks.hold(session.ident):
                         await self._memory.flush_quietly(session)
+                for chat in self._parts.chats:
+                    await chat.close_states()
             finally:
                 self._closed = True
                 self._sessions.clear()
@@ -183,6 +186,23 @@ class KVCacheManager:
     def model_pool(self) -> ModelPool:
         """The pool the bundled models load through (`unload` a model there to free it)."""
         return self._parts.pool
+
+    def attach_chat(self, chat: LlamaChat) -> None:
+        """Let the manager look after `chat`'s kept KV states: a deleted session's are
+        dropped (and the live context reset), idle ones leave RAM at maintenance,
+        `status()` reports them, and `aclose()` spills them to disk (`open_chat_model`
+        attaches the model it opens)."""
+        self._calls.check_open()
+        if chat not in self._parts.chats:
+            chat.telemetry = self._telemetry  # its state evictions are this manager's events
+            self._parts.chats.append(chat)
+            self._parts.stoppers.append(chat.stop)
+
+    @property
+    def kv_state_dir(self) -> Path | None:
+        """Where chat models opened for this manager keep KV states on disk
+        (`kv_state_dir`, or beside the database); None for a database in memory."""
+        return self._parts.kv_state_dir
 
     def context_capacity(self) -> int | None:
         """Tokens in the model's context window (None when no model says)."""
@@ -373,13 +393,18 @@ class KVCacheManager:
         """Remove a session and all derived from it (its background summary is cancelled
         and awaited first); False if it did not exist."""
         async with self._call():
-            return await self._loop.delete((namespace, session_id))
+            deleted = await self._loop.delete((namespace, session_id))
+            for chat in self._parts.chats:
+                await chat.forget((namespace, session_id))
+            return deleted
 
     # -- maintenance and observability ------------------------------------------------------
 
     async def perform_maintenance(self) -> MaintenanceResult:
         """Flush and drop sessions idle past `idle_eviction_seconds`; prune old snapshots."""
         async with self._call():
+            for chat in self._parts.chats:
+                chat.evict_idle()
             return await self._loop.maintain()
 
     async def run_maintenance(self, interval_seconds: float = 300.0) -> None:
@@ -403,7 +428,12 @@ class KVCacheManager:
     async def status(self) -> ManagerStatus:
         """Memory, budget and eviction figures, and the models' state."""
         async with self._call():
-            return convert.status(self._parts, self._memory, self._summaries.pending)
+            kv_states = None
+            for chat in self._parts.chats:
+                stats = await chat.state_stats()
+                if stats is not None:
+                    kv_states = stats if kv_states is None else kv_states.add(stats)
+            return convert.status(self._parts, self._memory, self._summaries.pending, kv_states)
 
     async def storage_status(self) -> dict[str, int]:
         """What the database holds: sessions, messages, snapshots and summaries, and the

@@ -76,6 +76,10 @@ class Parts:
     context_tokens: int | None
     pool: ModelPool
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    # where chat models keep their KV states on disk (None: a database in memory)
+    kv_state_dir: Path | None = None
+    # chat models whose kept states the manager looks after (`attach_chat`)
+    chats: list[LlamaChat] = field(default_factory=list)
 
     def stop_models(self) -> None:
         """Stop the bundled models' calls in progress (at shutdown)."""
@@ -152,4 +156,9 @@ async def open_parts(
         check=config.check_on_open,
         clock=clock,
     )
-    return Parts(store, config, embedder, summarizer, tokens, shape, context, pool, stoppers)
+    parts = Parts(store, config, embedder, summarizer, tokens, shape, context, pool, stoppers)
+    if config.kv_state_dir:
+        parts.kv_state_dir = Path(config.kv_state_dir)
+    elif str(path) != ":memory:" and not str(path).startswith("file:"):
+        parts.kv_state_dir = Path(f"{path}.kvstates")
+    return parts

@@ -99,8 +99,25 @@ class MaintenanceEvent:
     duration_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class KVStateEvent:
+    """A session's kept KV state left RAM (`action` "evicted", `reason` an eviction
+    reason; `to` "disk" when the disk tier holds it), or its spill to disk failed
+    ("spill_failed", `reason` the error): the state is then lost, the next turn cold."""
+
+    kind: ClassVar[str] = "kv_state"
+    session_id: str
+    namespace: str
+    action: str
+    reason: str
+    tokens: int
+    bytes: int
+    to: str | None = None
+
+
 TelemetryEvent = (
     BudgetExceededEvent
+    | KVStateEvent
     | EvictionEvent
     | ClearEvent
     | SnapshotEvent
@@ -196,6 +213,7 @@ class OpenTelemetryMetrics:
         self._retrieval_ms = hist("tiermem.retrieval.duration", "ms", "retrieval time")
         self._hits = count("tiermem.retrieval.hits", "{hit}", "hits returned, by tier")
         self._maintenance_ms = hist("tiermem.maintenance.duration", "ms", "maintenance time")
+        self._kv_states = count("tiermem.kv_states", "{state}", "KV states out of RAM")
 
     def emit(self, event: TelemetryEvent) -> None:
         match event:
@@ -218,6 +236,9 @@ class OpenTelemetryMetrics:
                     self._hits.add(n, {"tier": tier})
             case MaintenanceEvent(duration_ms=ms):
                 self._maintenance_ms.record(ms)
+            case KVStateEvent(action=action, reason=reason, to=to):
+                reason = reason if action == "evicted" else "error"
+                self._kv_states.add(1, {"action": action, "reason": reason, "to": str(to)})
 
 
 class Guarded:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -293,6 +293,38 @@ class CacheStatisticsExport:
     operation_history: list[CacheOperation]
 
 
+@dataclass(slots=True)
+class KVStateStats:
+    """What the tiers hold and did. States and bytes in RAM and on disk; per call,
+    whether a state was found (hit: all of it reused; partial: a prefix; miss), states
+    rejected as invalid, tokens reused and prefilled; states set back from RAM
+    (`restores`) and read back from disk (`disk_restores`); states that left RAM
+    (`evictions`), were written to disk (`spills`), and left the disk tier
+    (`disk_evictions`)."""
+
+    states: int = 0
+    bytes: int = 0
+    disk_states: int = 0
+    disk_bytes: int = 0
+    hits: int = 0
+    partial_hits: int = 0
+    misses: int = 0
+    rejected: int = 0
+    tokens_reused: int = 0
+    tokens_prefilled: int = 0
+    restores: int = 0
+    disk_restores: int = 0
+    evictions: int = 0
+    spills: int = 0
+    disk_evictions: int = 0
+
+    def add(self, other: KVStateStats) -> KVStateStats:
+        """Both counts together (one manager, several chat models)."""
+        return KVStateStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ManagerStatus:
     """Memory, budget and eviction figures of a running manager."""
@@ -307,3 +339,5 @@ class ManagerStatus:
     misses: int
     rss_bytes: int
     models: dict[str, Any]
+    # the kept KV states of the chat models attached to the manager (`attach_chat`)
+    kv_states: KVStateStats | None = None

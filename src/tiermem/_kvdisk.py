@@ -1,0 +1,225 @@
+"""The disk tier of kept KV states: one file a state, the index in SQLite.
+
+A directory holds `<id>.kvs` files and `index.sqlite3`, whose one table is
+
+    states(namespace, session, file, tokens, bytes, fingerprint, last_used)
+
+keyed on (namespace, session): the session's latest spilled state. A file is written to a
+temporary name, fsynced and renamed before its row is committed, so a crash leaves at worst
+an orphan file (removed at the next open once it is a minute old), never a row naming a
+partial file. The tier keeps under its own byte budget by dropping the least recently used
+states. Several processes may share a directory (SQLite serialises the index; a state read
+while another process replaces it is simply not found).
+
+A file is `MAGIC`, a JSON header (the key, fingerprint, crc and token count) and then the
+token ids (int32) and the llama.cpp sequence state. Nothing read from a file is trusted:
+a bad header or a short file is a miss (the file is removed), and the state's crc and
+fingerprint are checked again before it is loaded (`_kvstate.restore`).
+
+Everything here is blocking: it runs in the model's worker thread or the spill writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import struct
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._kvstate import KVState, StateKey
+
+MAGIC = b"TMKVS001"
+INDEX = "index.sqlite3"
+SUFFIX = ".kvs"
+# an unindexed file this old is a crashed writer's, not one being committed
+ORPHAN_SECONDS = 60.0
+_HEAD = struct.Struct("<I")  # the header's length
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS states (
+    namespace TEXT NOT NULL,
+    session TEXT NOT NULL,
+    file TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    last_used REAL NOT NULL,
+    PRIMARY KEY (namespace, session)
+);
+CREATE INDEX IF NOT EXISTS states_by_use ON states (last_used);
+"""
+
+
+class KVStateDisk:
+    """States in files under `directory`, at most `max_bytes` of them (file sizes)."""
+
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.directory / INDEX, timeout=30.0, check_same_thread=False, isolation_level=None
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+        self.evictions = 0
+        self._remove_orphans()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def write(self, key: StateKey, state: KVState) -> None:
+        """Store `state` as the session's (replacing its previous one), then drop the
+        least recently used states until the tier is under its budget."""
+        name = f"{uuid.uuid4().hex}{SUFFIX}"
+        size = self._write_file(name, key, state)
+        with self._lock, self._transaction():
+            old = self._db.execute(
+                "SELECT file FROM states WHERE namespace = ? AND session = ?", key
+            ).fetchone()
+            self._db.execute(
+                "INSERT OR REPLACE INTO states VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*key, name, len(state.tokens), size, state.fingerprint, time.time()),
+            )
+            gone = [old[0]] if old else []
+            total = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM states").fetchone()[0]
+            for ns, sid, file, nbytes in self._db.execute(
+                "SELECT namespace, session, file, bytes FROM states ORDER BY last_used"
+            ).fetchall():
+                if total <= self.max_bytes:
+                    break
+                self._db.execute(
+                    "DELETE FROM states WHERE namespace = ? AND session = ?", (ns, sid)
+                )
+                gone.append(file)
+                total -= nbytes
+                self.evictions += 1
+        for file in gone:
+            self._unlink(file)
+
+    def read(self, key: StateKey) -> KVState | None:
+        """The session's state, or None (none stored, or its file unreadable: then the
+        entry is dropped)."""
+        from ._kvstate import KVState
+
+        with self._lock:
+            row = self._db.execute(
+                "SELECT file FROM states WHERE namespace = ? AND session = ?", key
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute(
+                "UPDATE states SET last_used = ? WHERE namespace = ? AND session = ?",
+                (time.time(), *key),
+            )
+        try:
+            with (self.directory / row[0]).open("rb") as f:
+                raw = f.read()
+            head_end = len(MAGIC) + _HEAD.size
+            if raw[: len(MAGIC)] != MAGIC:
+                raise ValueError("not a state file")
+            (length,) = _HEAD.unpack_from(raw, len(MAGIC))
+            head = json.loads(raw[head_end : head_end + length])
+            if [head["namespace"], head["session"]] != list(key):
+                raise ValueError("another session's file")
+            body = head_end + length
+            n = int(head["tokens"])
+            tokens = array("i")
+            tokens.frombytes(raw[body : body + 4 * n])
+            if len(tokens) != n:
+                raise ValueError("short file")
+            return KVState(
+                tuple(tokens), raw[body + 4 * n :], int(head["crc"]), str(head["fingerprint"])
+            )
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            self.drop(key, only=row[0])
+            return None
+
+    def drop(self, key: StateKey, only: str | None = None) -> None:
+        """Forget the session's state and remove its file (`only`: if it is still that
+        file: another process may have replaced it)."""
+        with self._lock, self._transaction():
+            row = self._db.execute(
+                "SELECT file FROM states WHERE namespace = ? AND session = ?", key
+            ).fetchone()
+            if row is None or (only is not None and row[0] != only):
+                return
+            self._db.execute("DELETE FROM states WHERE namespace = ? AND session = ?", key)
+        self._unlink(row[0])
+
+    def usage(self) -> tuple[int, int]:
+        """States and bytes held (every process's)."""
+        with self._lock:
+            count, total = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM states"
+            ).fetchone()
+        return int(count), int(total)
+
+    def _write_file(self, name: str, key: StateKey, state: KVState) -> int:
+        head = json.dumps(
+            {
+                "namespace": key[0],
+                "session": key[1],
+                "fingerprint": state.fingerprint,
+                "crc": state.crc,
+                "tokens": len(state.tokens),
+            }
+        ).encode()
+        tmp = self.directory / f".tmp-{name}"
+        try:
+            with tmp.open("wb") as f:
+                f.write(MAGIC + _HEAD.pack(len(head)) + head)
+                f.write(array("i", state.tokens).tobytes())
+                f.write(state.data)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            tmp.rename(self.directory / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash
+        finally:
+            os.close(directory)
+        return size
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _unlink(self, file: str) -> None:
+        (self.directory / file).unlink(missing_ok=True)
+
+    def _remove_orphans(self) -> None:
+        """Files no row names (a writer crashed between its rename and its commit, or
+        before its rename), once they are old enough not to be another process's."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT file FROM states")}
+        cutoff = time.time() - ORPHAN_SECONDS
+        for path in self.directory.iterdir():
+            orphan = path.name.startswith(".tmp-") or (
+                path.suffix == SUFFIX and path.name not in known
+            )
+            with contextlib.suppress(OSError):
+                if orphan and path.stat().st_mtime < cutoff:
+                    path.unlink()
