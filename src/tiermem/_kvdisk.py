@@ -141,7 +141,11 @@ class KVStateDisk:
             if len(tokens) != n:
                 raise ValueError("short file")
             return KVState(
-                tuple(tokens), raw[body + 4 * n :], int(head["crc"]), str(head["fingerprint"])
+                tuple(tokens),
+                raw[body + 4 * n :],
+                int(head["crc"]),
+                str(head["fingerprint"]),
+                int(head["prompt_tokens"]),
             )
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             self.drop(key, only=row[0])
@@ -175,6 +179,7 @@ class KVStateDisk:
                 "fingerprint": state.fingerprint,
                 "crc": state.crc,
                 "tokens": len(state.tokens),
+                "prompt_tokens": state.prompt_tokens,
             }
         ).encode()
         tmp = self.directory / f".tmp-{name}"

@@ -57,6 +57,7 @@ class KVState:
     data: bytes
     crc: int
     fingerprint: str
+    prompt_tokens: int = 0  # the first this many tokens were a prompt, the rest its reply
 
     @property
     def nbytes(self) -> int:
@@ -162,7 +163,10 @@ class KVStateCache:
                 self._evict(key, None)
         self._writer.shutdown(wait=True)
         assert self.disk is not None
+        self.stats.disk_states, self.stats.disk_bytes = self.disk.usage()
+        self.stats.disk_evictions = self.disk.evictions
         self.disk.close()
+        self.disk, self._writer = None, None  # RAM only from here
 
     def snapshot(self) -> KVStateStats:
         """The figures now, the disk tier's usage read from its index. Blocking."""
@@ -289,7 +293,7 @@ def _file_sha256(path: Path) -> str:
     return _file_hashes[key]
 
 
-def capture(llama: Any, print_: str, max_bytes: int) -> KVState | None:
+def capture(llama: Any, print_: str, max_bytes: int, prompt_tokens: int = 0) -> KVState | None:
     """The context's sequence 0 as a state, cut to the longest prefix under `max_bytes`
     (the context is cut too, so it still matches its token ids); None when not even one
     token fits."""
@@ -312,7 +316,7 @@ def capture(llama: Any, print_: str, max_bytes: int) -> KVState | None:
     written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
     data = bytes(buffer)[:written]
     tokens = tuple(int(t) for t in llama.input_ids[:n])
-    return KVState(tokens, data, checksum(tokens, data), print_)
+    return KVState(tokens, data, checksum(tokens, data), print_, min(prompt_tokens, n))
 
 
 def restore(llama: Any, state: KVState, print_: str) -> bool:

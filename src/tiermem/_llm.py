@@ -221,6 +221,7 @@ class LlamaChat:
         self.kv_states = kv_states
         # (the loaded model's id, the session) whose state the live context holds
         self._live: tuple[int, StateKey] | None = None
+        self._live_prompt = 0  # of which this many tokens were the last prompt
         # tokens of the last call's prompt taken from a kept state, and prefilled
         self.last_reused = 0
         self.last_prefilled = 0
@@ -350,7 +351,7 @@ class LlamaChat:
                 stop=stop,
                 stopping_criteria=late,
             )
-            kept = session is not None and self._keep(llama, print_, session)
+            kept = session is not None and self._keep(llama, print_, session, len(tokens))
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"generation failed: {exc}") from exc
         finally:
@@ -371,24 +372,26 @@ class LlamaChat:
         all prefix)."""
         assert self.kv_states is not None
         stats = self.kv_states.stats
+        base = self._live_prompt  # the session's last prompt, in the context now
         if self._live != (id(llama), session):
+            base = 0
             found = self.kv_states.lookup(session)
             if found is not None:
                 state, from_disk = found
                 if not restore(llama, state, print_):
                     stats.rejected += 1
                     self.kv_states.drop(session)
-                elif from_disk:
-                    stats.disk_restores += 1
                 else:
-                    stats.restores += 1
+                    base = state.prompt_tokens
+                    stats.disk_restores += from_disk
+                    stats.restores += not from_disk
             self._live = None
         held = int(llama.n_tokens)
         reused = min(common_prefix(list(llama.input_ids[:held]), tokens), len(tokens) - 1)
         reused = max(reused, 0)
-        if reused <= 0:
+        if base == 0:  # no state of this session (a prefix of another's may still serve)
             stats.misses += 1
-        elif reused >= held - 1:
+        elif reused >= min(base, len(tokens) - 1):
             stats.hits += 1
         else:
             stats.partial_hits += 1
@@ -396,16 +399,17 @@ class LlamaChat:
         stats.tokens_prefilled += len(tokens) - reused
         self.last_reused, self.last_prefilled = reused, len(tokens) - reused
 
-    def _keep(self, llama: Any, print_: str, session: StateKey) -> bool:
+    def _keep(self, llama: Any, print_: str, session: StateKey, prompt_tokens: int) -> bool:
         """Copy the context's state out for the session (its longest prefix under the
         session's budget); the live context now holds it."""
         assert self.kv_states is not None
-        state = capture(llama, print_, self.kv_states.max_bytes_per_session)
+        state = capture(llama, print_, self.kv_states.max_bytes_per_session, prompt_tokens)
         if state is None:
             self.kv_states.drop(session)
             return False
         self.kv_states.put(session, state)
         self._live = (id(llama), session)
+        self._live_prompt = state.prompt_tokens
         return True
 
 
