@@ -2,12 +2,16 @@
 output as a cold prefill on every path, and never a state that does not match."""
 
 import dataclasses
+import shutil
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import anyio
 import pytest
 
 import tiermem
-from tiermem import KVStateCache
+from tiermem import KVStateCache, KVStateDisk
 from tiermem._llm import bundled_gguf_path
 
 pytestmark = pytest.mark.real_models
@@ -113,5 +117,164 @@ async def test_a_session_over_its_budget_keeps_the_longest_prefix_that_fits() ->
         await kept.complete(conversation("ben", 6), REPLY, 60, ("ns", "ben"))
         assert states.get(("ns", "ana")) is None and states.stats.evictions == 1
         assert states.stats.states == 1 and states.stats.bytes <= 150 * per_token
+    finally:
+        await pool.aclose()
+
+
+def settle(tier: KVStateCache) -> None:
+    """Until every state that left RAM is on disk."""
+    deadline = time.monotonic() + 30
+    while tier.stats.spills < tier.stats.evictions:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def damage(folder: Path) -> None:
+    """Each session's file damaged its own way: cut short, a KV byte or a token id flipped."""
+    for path in folder.glob("*.kvs"):
+        raw = bytearray(path.read_bytes())
+        head_end = raw.index(b"}") + 1
+        session = raw[:head_end].split(b'"session": "')[1].split(b'"')[0]
+        if session == b"truncated":
+            raw = raw[: len(raw) - 5000]
+        elif session == b"flipped-kv":
+            raw[-3000] ^= 0x10
+        else:
+            raw[head_end + 40] ^= 0x01  # a token id
+        path.write_bytes(raw)
+
+
+async def ask(
+    chat: tiermem.LlamaChat, name: str, turns: int, got: dict[str, tuple[str, int]]
+) -> None:
+    got[name] = await chat.complete(conversation(name, turns), REPLY, 60, ("ns", name))
+
+
+def states(folder: Path | None, max_sessions: int = 8) -> KVStateCache:
+    return KVStateCache(
+        max_bytes_per_session=10**9,
+        max_bytes_total=10**9,
+        max_sessions=max_sessions,
+        disk=KVStateDisk(folder, 10**9) if folder else None,
+    )
+
+
+async def test_states_from_disk_and_after_a_restart_give_the_cold_output(tmp_path: Path) -> None:
+    pool = tiermem.ModelPool()
+    cold = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, name="cold")
+    tier = states(tmp_path, max_sessions=1)  # every other call finds its state on disk
+    kept = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, name="kept", kv_states=tier)
+    try:
+        for turns in (2, 4):
+            for name in ("ana", "ben"):
+                messages = conversation(name, turns)
+                expected = await cold.complete(messages, REPLY, 60)
+                await anyio.to_thread.run_sync(settle, tier)  # the other's spill lands
+                assert await kept.complete(messages, REPLY, 60, ("ns", name)) == expected
+        assert tier.stats.disk_restores == 2 and tier.stats.rejected == 0
+        assert kept.last_reused > 0
+        await kept.close_states()
+        # a new process: a new model and cache on the same folder
+        restarted = tiermem.LlamaChat(
+            bundled_gguf_path(), WINDOW, 1, pool, name="restarted", kv_states=states(tmp_path)
+        )
+        messages = conversation("ana", 5)
+        assert await restarted.complete(messages, REPLY, 60, ("ns", "ana")) == (
+            await cold.complete(messages, REPLY, 60)
+        )
+        assert restarted.kv_states is not None
+        assert restarted.kv_states.stats.disk_restores == 1 and restarted.last_reused > 100
+        await restarted.close_states()
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["other GGUF", "window too small", "KV type", "flash attention", "rope_freq_base"],
+)
+async def test_a_state_kept_by_a_model_made_another_way_is_never_loaded(
+    tmp_path: Path, variant: str
+) -> None:
+    pool = tiermem.ModelPool()
+    gguf, window, options = bundled_gguf_path(), WINDOW, {}
+    messages = conversation("ana", 6)
+    if variant == "other GGUF":  # a different file (its sha256 differs), loadable as ever
+        gguf = tmp_path / "other.gguf"
+        shutil.copyfile(bundled_gguf_path(), gguf)
+        with gguf.open("ab") as f:
+            f.write(b"\0" * 8)
+    elif variant == "window too small":
+        window, messages = 128, conversation("ana", 0)
+    else:
+        options = {
+            "KV type": {"type_k": 8},  # q8_0 keys
+            "flash attention": {"flash_attn": True},
+            "rope_freq_base": {"rope_freq_base": 20_000.0},
+        }[variant]
+    writer = tiermem.LlamaChat(
+        bundled_gguf_path(), WINDOW, 1, pool, name="writer", kv_states=states(tmp_path)
+    )
+    try:
+        await writer.complete(conversation("ana", 6), REPLY, 60, ("ns", "ana"))
+        await writer.close_states()
+        reader_states = states(tmp_path)
+        reader = tiermem.LlamaChat(
+            gguf, window, 1, pool, name="reader", kv_states=reader_states, llama_options=options
+        )
+        cold = tiermem.LlamaChat(gguf, window, 1, pool, name="cold", llama_options=options)
+        expected = await cold.complete(messages, REPLY, 60)
+        assert await reader.complete(messages, REPLY, 60, ("ns", "ana")) == expected
+        assert reader_states.stats.rejected == 1 and reader.last_reused == 0
+        await reader.close_states()
+    finally:
+        await pool.aclose()
+
+
+async def test_damaged_state_files_are_cold_prefills(tmp_path: Path) -> None:
+    pool = tiermem.ModelPool()
+    writer = tiermem.LlamaChat(
+        bundled_gguf_path(), WINDOW, 1, pool, name="writer", kv_states=states(tmp_path)
+    )
+    cold = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, name="cold")
+    try:
+        for name in ("truncated", "flipped-kv", "flipped-token"):
+            await writer.complete(conversation(name, 4), REPLY, 60, ("ns", name))
+        await writer.close_states()
+        await anyio.to_thread.run_sync(damage, tmp_path)
+        reader_states = states(tmp_path)
+        reader = tiermem.LlamaChat(
+            bundled_gguf_path(), WINDOW, 1, pool, name="reader", kv_states=reader_states
+        )
+        for i, name in enumerate(("truncated", "flipped-kv", "flipped-token"), start=1):
+            messages = conversation(name, 5)
+            await reader.complete(conversation("other", 1), REPLY, 60, ("ns", "other"))
+            assert await reader.complete(messages, REPLY, 60, ("ns", name)) == (
+                await cold.complete(messages, REPLY, 60)
+            )
+            assert reader_states.stats.rejected == i
+        await reader.close_states()
+    finally:
+        await pool.aclose()
+
+
+async def test_concurrent_sessions_through_one_model_never_receive_each_others_state(
+    tmp_path: Path,
+) -> None:
+    pool = tiermem.ModelPool()
+    tier = states(tmp_path, max_sessions=2)
+    kept = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, name="kept", kv_states=tier)
+    cold = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, name="cold")
+    names = ("ana", "ben", "cy", "dee")
+    try:
+        for turns in (1, 3):
+            expected = {n: await cold.complete(conversation(n, turns), REPLY, 60) for n in names}
+            got: dict[str, tuple[str, int]] = {}
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(ask, kept, name, turns, got)
+            assert got == expected
+        assert tier.stats.restores + tier.stats.disk_restores >= 2
+        await kept.close_states()
     finally:
         await pool.aclose()

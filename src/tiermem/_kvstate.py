@@ -329,7 +329,8 @@ def restore(llama: Any, state: KVState, print_: str) -> bool:
     llama._ctx.kv_cache_clear()
     if (
         state.fingerprint != print_
-        or len(state.tokens) >= llama.n_ctx()
+        # llama.cpp may pad the window past what was asked: the token array is the bound
+        or len(state.tokens) >= min(llama.n_ctx(), len(llama.input_ids))
         or checksum(state.tokens, state.data) != state.crc
     ):
         return False
