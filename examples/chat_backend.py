@@ -114,7 +114,8 @@ async def chat(request: Request) -> JSONResponse:
     result = await mgr.process_conversation(sid, messages, namespace=ns)
     cache = await mgr.get_active_cache(sid, namespace=ns)
     # laid out stable-first: the session's kept KV state covers all but this turn's part
-    reply = await request.app.state.respond(tiermem.build_prompt(result, cache), (ns, sid))
+    prompt = tiermem.build_prompt(result, cache, user_message=messages[-1].content)
+    reply = await request.app.state.respond(prompt, (ns, sid))
     clear = result.clear_result
     return JSONResponse(
         {

@@ -61,3 +61,18 @@ async def test_a_full_window_moves_the_history_start_a_block_at_a_time(
         changes = sum(1 for a, b in itertools.pairwise(starts) if a != b)
         assert changes > 0  # the window filled up
         assert changes <= len(starts) // 3  # a block at a time, not every turn
+
+
+async def test_the_question_of_a_turn_that_cleared_it_away_is_still_asked(
+    open_manager: Callable[..., Any],
+) -> None:
+    config = tiermem.KVCacheConfig(summarizer_enabled=False, clear_after_conversations=3)
+    async with await open_manager(config=config) as mgr:
+        for i in range(3):
+            line = f"Plain statement number {i}."
+            result = await mgr.process_conversation("s", [Message("user", line, id=f"u{i}")])
+            cache = await mgr.get_active_cache("s")
+            prompt = build_prompt(result, cache, user_message=line)
+            assert prompt[-1] == {"role": "user", "content": line}
+            assert sum(m["content"] == line for m in prompt) == 1  # never twice
+        assert result.cleared and line not in [e.text for e in cache]

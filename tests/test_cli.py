@@ -574,3 +574,17 @@ def test_chat_shows_what_memory_does(tmp_path: Path) -> None:
     # last prompt reuses it
     reused = [int(n) for n in re.findall(r"\[kv\] (\d+) prompt tokens reused", out)]
     assert len(reused) == 5 and reused[0] == 0 and max(reused) > 0
+    assert len(re.findall(r"first token in \d+\.\d\d s", out)) == 5
+    # the states went to disk at exit: the next run's first turn restores one
+    again = subprocess.run(
+        [sys.executable, "-m", "tiermem._cli", "chat", "--db", str(tmp_path / "c.db")],
+        input="Where do I live?\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    (first,) = re.findall(r"\[kv\] (\d+) prompt tokens reused", again.stdout)
+    assert int(first) > 0

@@ -18,7 +18,7 @@ def state(n_tokens: int, size: int, seed: int = 0) -> KVState:
     rng = random.Random(seed)
     tokens = tuple(rng.randrange(50_000) for _ in range(n_tokens))
     data = rng.randbytes(size)
-    return KVState(tokens, data, checksum(tokens, data), "print", prompt_tokens=n_tokens - 1)
+    return KVState(tokens, data, checksum(tokens, data), "print")
 
 
 def files(folder: Path) -> set[str]:
@@ -33,7 +33,6 @@ def file_size(s: KVState, key: tuple[str, str]) -> int:
             "fingerprint": s.fingerprint,
             "crc": s.crc,
             "tokens": len(s.tokens),
-            "prompt_tokens": s.prompt_tokens,
         }
     )
     return len(MAGIC) + 4 + len(head) + 4 * len(s.tokens) + len(s.data)

@@ -66,6 +66,28 @@ async def test_restored_states_give_the_cold_output_and_sessions_never_mix(
     )
 
 
+async def test_a_regenerated_reply_and_a_longer_one_equal_the_cold_ones(
+    models: tuple[tiermem.LlamaChat, tiermem.LlamaChat],
+) -> None:
+    """The same prompt again (all of it kept: one token is decoded again for its logits),
+    and a reply that continues past the last one (the kept state holds the prompt only:
+    a reply's KV, decoded a token at a time, differs in its last bits from a prefill's)."""
+    kept, cold = models
+    messages = conversation("ana", 2)
+    expected = await cold.complete(messages, 24, 60)
+    for _ in range(3):
+        assert await kept.complete(messages, 24, 60, ("ns", "ana")) == expected
+    prompt = kept.last_reused + kept.last_prefilled
+    assert kept.last_prefilled == 1  # the last token, decoded again
+    text, _ = expected
+    follow = [*messages, {"role": "assistant", "content": text}]
+    follow.append({"role": "user", "content": "Tell me more."})
+    assert await kept.complete(follow, 24, 60, ("ns", "ana")) == (
+        await cold.complete(follow, 24, 60)
+    )
+    assert kept.last_reused == prompt  # the reply itself is prefilled with the new turn
+
+
 async def test_a_state_that_does_not_match_is_a_cold_prefill(
     models: tuple[tiermem.LlamaChat, tiermem.LlamaChat],
 ) -> None:
@@ -278,3 +300,60 @@ async def test_concurrent_sessions_through_one_model_never_receive_each_others_s
         await kept.close_states()
     finally:
         await pool.aclose()
+
+
+async def test_the_manager_looks_after_its_chat_models_states(tmp_path: Path) -> None:
+    config = tiermem.KVCacheConfig(summarizer_enabled=False, clear_after_conversations=4)
+    lines = [
+        "Hi, I am Ana and my dog is Pico.",
+        "I live in Porto.",
+        "I work as a nurse at night.",
+        "My sister is called Rita.",
+        "What is my dog called?",
+        "And where do I live?",
+    ]
+    key = ("default", "s")
+    async with await tiermem.KVCacheManager.open(tmp_path / "m.db", config) as mgr:
+        chat = await tiermem.open_chat_model(mgr)
+        tier = chat.kv_states
+        assert tier is not None and tier.disk is not None
+        assert tier.disk.directory == tmp_path / "m.db.kvstates" / "replies"
+        cold = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, None, mgr.model_pool, name="cold")
+        reply: list[tiermem.Message] = []
+        last_prompt, plain = 0, False
+        for line in lines:
+            result = await mgr.process_conversation("s", [*reply, tiermem.Message("user", line)])
+            prompt = tiermem.build_prompt(
+                result, await mgr.get_active_cache("s"), user_message=line
+            )
+            text, n = await chat.complete(prompt, REPLY, 60, session=key)
+            assert (text, n) == await cold.complete(prompt, REPLY, 60)
+            state = tier.get(key)
+            assert state is not None and len(state.tokens) == (
+                chat.last_reused + chat.last_prefilled
+            )  # the new prompt is the base
+            if result.cleared:  # the history changed: only its unchanged start is reused
+                assert 0 < chat.last_reused < last_prompt / 2
+            elif plain:  # the turn extends the last prompt
+                assert chat.last_reused == last_prompt
+            # a turn's notes (bridges, retrieved messages) are not in the next prompt
+            plain = len(prompt) == 2 * len(reply) + 2 and not result.bridge_messages
+            last_prompt = len(state.tokens)
+            reply = [tiermem.Message("assistant", text)]
+        status = (await mgr.status()).kv_states
+        assert status is not None and status.states == 1 and status.hits == 2 and status.misses == 1
+        assert status.bytes == tier.stats.bytes > 0
+
+        await chat.complete(conversation("tom", 2), REPLY, 60, session=("default", "t"))
+        assert await mgr.delete_session("s")
+        assert tier.get(key) is None
+        status = (await mgr.status()).kv_states
+        assert status is not None and status.states == 1
+    # closing spilled the other session's state; a restart restores it, and not the deleted
+    async with await tiermem.KVCacheManager.open(tmp_path / "m.db", config) as mgr:
+        chat = await tiermem.open_chat_model(mgr)
+        await chat.complete(conversation("tom", 3), REPLY, 60, session=("default", "t"))
+        assert chat.last_reused > 50  # the system prompt and two turns, from disk
+        assert chat.kv_states is not None and chat.kv_states.get(key) is None
+        status = (await mgr.status()).kv_states
+        assert status is not None and status.disk_restores == 1 and status.disk_states == 1

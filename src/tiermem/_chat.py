@@ -90,13 +90,17 @@ def build_prompt(
     *,
     system_prompt: str = SYSTEM,
     reply_tokens: int = REPLY_TOKENS,
+    user_message: str | None = None,
 ) -> list[dict[str, str]]:
     """The messages a chat model should see after a turn, laid out stable-first so that a
     turn extends the previous prompt and a kept KV state stays valid: the system text
     with the summary so far (it changes only when a new summary lands), the active cache's
     turns from a start that moves a block of `TRIM_BLOCK` entries at a time when the
     window is full, then what belongs to this turn only (its bridges and the retrieved
-    messages, in `CONTEXT_TOKENS` at most) just before the newest user message."""
+    messages, in `CONTEXT_TOKENS` at most) just before the newest user message.
+
+    `user_message` is the turn's message: a clear in this turn may not have kept it in
+    the active cache, and the model must still see the question it answers."""
     stable = [b for b in result.bridge_messages if b.startswith(bridge.PRIOR_SUMMARY)]
     system = "\n\n".join([system_prompt, *stable])
     notes = [b for b in result.bridge_messages if b not in stable]
@@ -120,6 +124,8 @@ def build_prompt(
     if start > 0:  # trimmed: from the next block's first entry, so the start stays put
         start = min(-(-start // TRIM_BLOCK) * TRIM_BLOCK, len(turns) - 1)
     kept = [{"role": e.role, "content": e.text} for e in turns[start:]]
+    if user_message is not None and kept[-1:] != [{"role": "user", "content": user_message}]:
+        kept.append({"role": "user", "content": user_message})
     last_user = len(kept) - 1 if kept and kept[-1]["role"] == "user" else len(kept)
     if context:
         kept.insert(last_user, {"role": "system", "content": context})
@@ -200,14 +206,16 @@ async def run_chat(
             cache = await mgr.get_active_cache(session, namespace=namespace)
             started = time.perf_counter()
             text, _ = await llm.complete(
-                build_prompt(result, cache),
+                build_prompt(result, cache, user_message=line.strip()),
                 REPLY_TOKENS,
                 config.summary_timeout_seconds,
                 session=(namespace, session),
             )
+            ttft = f"{llm.last_ttft_ms / 1000:.2f} s" if llm.last_ttft_ms is not None else "-"
             say(
                 f"[kv] {llm.last_reused} prompt tokens reused from the session's kept state, "
-                f"{llm.last_prefilled} prefilled; reply in {time.perf_counter() - started:.1f} s"
+                f"{llm.last_prefilled} prefilled; first token in {ttft}, "
+                f"reply in {time.perf_counter() - started:.1f} s"
             )
             say(f"assistant: {text}")
             reply = [Message("assistant", text)]

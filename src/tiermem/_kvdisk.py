@@ -145,7 +145,6 @@ class KVStateDisk:
                 raw[body + 4 * n :],
                 int(head["crc"]),
                 str(head["fingerprint"]),
-                int(head["prompt_tokens"]),
             )
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             self.drop(key, only=row[0])
@@ -179,7 +178,6 @@ class KVStateDisk:
                 "fingerprint": state.fingerprint,
                 "crc": state.crc,
                 "tokens": len(state.tokens),
-                "prompt_tokens": state.prompt_tokens,
             }
         ).encode()
         tmp = self.directory / f".tmp-{name}"

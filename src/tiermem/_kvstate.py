@@ -57,7 +57,6 @@ class KVState:
     data: bytes
     crc: int
     fingerprint: str
-    prompt_tokens: int = 0  # the first this many tokens were a prompt, the rest its reply
 
     @property
     def nbytes(self) -> int:
@@ -293,30 +292,38 @@ def _file_sha256(path: Path) -> str:
     return _file_hashes[key]
 
 
-def capture(llama: Any, print_: str, max_bytes: int, prompt_tokens: int = 0) -> KVState | None:
-    """The context's sequence 0 as a state, cut to the longest prefix under `max_bytes`
-    (the context is cut too, so it still matches its token ids); None when not even one
-    token fits."""
+def capture(llama: Any, print_: str, max_bytes: int, prompt_tokens: int) -> KVState | None:
+    """The context's sequence 0 as a state: its first `prompt_tokens` (the prompt's: a
+    reply's KV, computed a token at a time as it was generated, differs in its last bits
+    from a prefill's, enough to change a later greedy reply), cut to the longest prefix
+    under `max_bytes`. The context is cut the same way, so it still matches its token ids.
+    None when not even one token fits."""
     import llama_cpp
 
     ctx = llama._ctx.ctx
+    _cut(llama, min(llama.n_tokens, prompt_tokens))
     n = llama.n_tokens
     size = llama_cpp.llama_state_seq_get_size(ctx, 0)
     if n and size > max_bytes:
         per_token = size / n  # an upper bound: the fixed part is spread over the tokens
-        keep = int(max_bytes // per_token)
-        if keep <= 0:
-            return None
-        llama._ctx.kv_cache_seq_rm(0, keep, -1)
-        llama.n_tokens = n = keep
+        _cut(llama, n := int(max_bytes // per_token))
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-    if n == 0:
+    if n <= 0:
         return None
     buffer = (ctypes.c_uint8 * size)()
     written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
     data = bytes(buffer)[:written]
     tokens = tuple(int(t) for t in llama.input_ids[:n])
-    return KVState(tokens, data, checksum(tokens, data), print_, min(prompt_tokens, n))
+    return KVState(tokens, data, checksum(tokens, data), print_)
+
+
+def _cut(llama: Any, n: int) -> None:
+    """Keep the context's first `n` tokens (the logits at hand are no longer the last
+    token's: llama-cpp-python must decode one again before it samples)."""
+    if n < llama.n_tokens:
+        llama._ctx.kv_cache_seq_rm(0, max(n, 0), -1)
+        llama.n_tokens = max(n, 0)
+        llama._requires_eval = True
 
 
 def restore(llama: Any, state: KVState, print_: str) -> bool:

@@ -222,9 +222,11 @@ class LlamaChat:
         # (the loaded model's id, the session) whose state the live context holds
         self._live: tuple[int, StateKey] | None = None
         self._live_prompt = 0  # of which this many tokens were the last prompt
-        # tokens of the last call's prompt taken from a kept state, and prefilled
+        # tokens of the last call's prompt taken from a kept state, and prefilled; the
+        # time from the call getting the model to its first token (restore and prefill)
         self.last_reused = 0
         self.last_prefilled = 0
+        self.last_ttft_ms: float | None = None
 
     @property
     def loaded(self) -> bool:
@@ -327,6 +329,7 @@ class LlamaChat:
         import llama_cpp
 
         llama, formatter, print_ = loaded
+        started = time.perf_counter()
         deadline = time.monotonic() + timeout
         if self._stop.is_set():
             raise ModelError("the model is shutting down")
@@ -338,9 +341,13 @@ class LlamaChat:
             self._live = None
         else:
             self._prepare(llama, print_, session, tokens)
-        late = llama_cpp.StoppingCriteriaList(
-            [lambda _ids, _logits: time.monotonic() > deadline or self._stop.is_set()]
-        )
+        self.last_ttft_ms = None
+
+        def late(_ids: Any, _logits: Any) -> bool:  # called as each token is sampled
+            if self.last_ttft_ms is None:
+                self.last_ttft_ms = (time.perf_counter() - started) * 1000
+            return time.monotonic() > deadline or self._stop.is_set()
+
         kept = False
         try:
             out = llama.create_completion(
@@ -349,7 +356,7 @@ class LlamaChat:
                 temperature=0.0,
                 repeat_penalty=1.1,
                 stop=stop,
-                stopping_criteria=late,
+                stopping_criteria=llama_cpp.StoppingCriteriaList([late]),
             )
             kept = session is not None and self._keep(llama, print_, session, len(tokens))
         except (ValueError, RuntimeError) as exc:
@@ -382,7 +389,7 @@ class LlamaChat:
                     stats.rejected += 1
                     self.kv_states.drop(session)
                 else:
-                    base = state.prompt_tokens
+                    base = len(state.tokens)
                     stats.disk_restores += from_disk
                     stats.restores += not from_disk
             self._live = None
@@ -409,7 +416,7 @@ class LlamaChat:
             return False
         self.kv_states.put(session, state)
         self._live = (id(llama), session)
-        self._live_prompt = state.prompt_tokens
+        self._live_prompt = len(state.tokens)
         return True
 
 
