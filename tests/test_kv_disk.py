@@ -4,12 +4,13 @@ and LRU order, what survives a restart and a crash, and how the RAM tier spills 
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from tiermem import KVState, KVStateCache, KVStateDisk, KVStateEvent
+from tiermem import KVState, KVStateCache, KVStateDisk, KVStateEvent, StorageError
 from tiermem._kvdisk import INDEX, MAGIC, ORPHAN_SECONDS, SUFFIX
 from tiermem._kvstate import checksum  # private: the checksum a state must carry
 
@@ -216,3 +217,24 @@ def wait_for_spills(tier: KVStateCache, n: int) -> None:
     while tier.stats.spills < n:
         assert time.monotonic() < deadline, "the spill was never written"
         time.sleep(0.01)
+
+
+def test_a_corrupt_index_is_a_storage_error_naming_the_folder(tmp_path: Path) -> None:
+    (tmp_path / INDEX).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="KV state folder"):
+        KVStateDisk(tmp_path, 10**9)
+
+
+def test_a_spill_that_fails_is_reported_and_loses_only_the_state(tmp_path: Path) -> None:
+    folder = tmp_path / "states"
+    tier = cache(folder, Clock(), max_sessions=1)
+    shutil.rmtree(folder)  # the disk went away
+    tier.put(("ns", "a"), state(20, 1_000))
+    tier.put(("ns", "b"), state(20, 1_000, seed=1))
+    tier._writer.shutdown(wait=True)  # private: the spill has run
+    events = tier.take_events()
+    assert [e.action for e in events] == ["evicted", "spill_failed"]
+    assert "KV state folder" in events[1].reason
+    assert tier.get(("ns", "a")) is None and tier.get(("ns", "b")) is not None
+    assert tier.disk is not None
+    tier.disk.close()

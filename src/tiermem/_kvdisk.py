@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import struct
@@ -33,6 +34,10 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ._errors import StorageError
+
+log = logging.getLogger("tiermem")
 
 if TYPE_CHECKING:
     from ._kvstate import KVState, StateKey
@@ -65,16 +70,23 @@ class KVStateDisk:
     def __init__(self, directory: str | Path, max_bytes: int) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.directory / INDEX, timeout=30.0, check_same_thread=False, isolation_level=None
-        )
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
         self.evictions = 0
-        self._remove_orphans()
+        with self._storage("open"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.directory / INDEX,
+                timeout=30.0,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+                self._remove_orphans()
+            except BaseException:
+                self._db.close()
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -84,7 +96,10 @@ class KVStateDisk:
         """Store `state` as the session's (replacing its previous one), then drop the
         least recently used states until the tier is under its budget."""
         name = f"{uuid.uuid4().hex}{SUFFIX}"
-        size = self._write_file(name, key, state)
+        with self._storage("write a state to"):
+            self._write_index(key, state, name, self._write_file(name, key, state))
+
+    def _write_index(self, key: StateKey, state: KVState, name: str, size: int) -> None:
         with self._lock, self._transaction():
             old = self._db.execute(
                 "SELECT file FROM states WHERE namespace = ? AND session = ?", key
@@ -114,16 +129,20 @@ class KVStateDisk:
         entry is dropped)."""
         from ._kvstate import KVState
 
-        with self._lock:
-            row = self._db.execute(
-                "SELECT file FROM states WHERE namespace = ? AND session = ?", key
-            ).fetchone()
-            if row is None:
-                return None
-            self._db.execute(
-                "UPDATE states SET last_used = ? WHERE namespace = ? AND session = ?",
-                (time.time(), *key),
-            )
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT file FROM states WHERE namespace = ? AND session = ?", key
+                ).fetchone()
+                if row is None:
+                    return None
+                self._db.execute(
+                    "UPDATE states SET last_used = ? WHERE namespace = ? AND session = ?",
+                    (time.time(), *key),
+                )
+        except sqlite3.Error as exc:  # a cache: an index that cannot be read is a miss
+            log.warning("KV state index %s unreadable: %s", self.directory, exc)
+            return None
         try:
             with (self.directory / row[0]).open("rb") as f:
                 raw = f.read()
@@ -153,22 +172,33 @@ class KVStateDisk:
     def drop(self, key: StateKey, only: str | None = None) -> None:
         """Forget the session's state and remove its file (`only`: if it is still that
         file: another process may have replaced it)."""
-        with self._lock, self._transaction():
-            row = self._db.execute(
-                "SELECT file FROM states WHERE namespace = ? AND session = ?", key
-            ).fetchone()
-            if row is None or (only is not None and row[0] != only):
-                return
-            self._db.execute("DELETE FROM states WHERE namespace = ? AND session = ?", key)
-        self._unlink(row[0])
+        with self._storage("drop a state from"):
+            with self._lock, self._transaction():
+                row = self._db.execute(
+                    "SELECT file FROM states WHERE namespace = ? AND session = ?", key
+                ).fetchone()
+                if row is None or (only is not None and row[0] != only):
+                    return
+                self._db.execute("DELETE FROM states WHERE namespace = ? AND session = ?", key)
+            self._unlink(row[0])
 
     def usage(self) -> tuple[int, int]:
         """States and bytes held (every process's)."""
-        with self._lock:
+        with self._storage("read"), self._lock:
             count, total = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM states"
             ).fetchone()
         return int(count), int(total)
+
+    @contextlib.contextmanager
+    def _storage(self, what: str) -> Iterator[None]:
+        """File and index errors as `StorageError`, naming the folder."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(
+                f"cannot {what} the KV state folder {self.directory}: {exc}"
+            ) from exc
 
     def _write_file(self, name: str, key: StateKey, state: KVState) -> int:
         head = json.dumps(

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ._errors import StorageError
 from ._kvdisk import KVStateDisk
 from ._telemetry import KVStateEvent
 from ._types import EvictionReason, KVStateStats
@@ -237,7 +238,7 @@ class KVStateCache:
                     return
             try:
                 self.disk.write(key, state)
-            except OSError as exc:
+            except StorageError as exc:
                 with self._lock:
                     self._events.append(
                         KVStateEvent(
