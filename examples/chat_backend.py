@@ -24,6 +24,7 @@ Run:  .venv/bin/uvicorn --factory examples.chat_backend:create_app
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -148,9 +149,17 @@ async def delete(request: Request) -> JSONResponse:
 
 
 async def status(request: Request) -> JSONResponse:
-    """The whole manager's figures (all namespaces)."""
+    """The whole manager's figures (all namespaces), with the reply model's kept KV states
+    (RAM and disk tiers, hits, tokens reused) when it keeps them."""
     figures = await request.app.state.mgr.status()
-    return JSONResponse({"sessions": figures.session_count, "bytes": figures.estimated_bytes})
+    states = figures.kv_states
+    return JSONResponse(
+        {
+            "sessions": figures.session_count,
+            "bytes": figures.estimated_bytes,
+            "kv_states": dataclasses.asdict(states) if states is not None else None,
+        }
+    )
 
 
 # -- reading requests ----------------------------------------------------------------------

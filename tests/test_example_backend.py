@@ -475,3 +475,26 @@ def test_all_namespaces_count_in_the_status(tmp_path: Path) -> None:
         for ns in ("a", "b"):
             assert client.post("/chat", json=turn("hello", namespace=ns)).status_code == 200
         assert client.get("/status").json()["sessions"] == 2
+
+
+@pytest.mark.real_models
+def test_the_bundled_model_keeps_each_sessions_kv_state_across_a_restart(tmp_path: Path) -> None:
+    config = tiermem.KVCacheConfig(summarizer_enabled=False)
+    db = str(tmp_path / "chat.db")
+    history: list[dict[str, str]] = []
+    with TestClient(create_app(db, config)) as client:
+        for fact in FACTS[:3]:
+            history.append({"role": "user", "content": fact})
+            body = client.post("/chat", json={"session_id": "ana", "messages": history}).json()
+            history.append({"role": "assistant", "content": body["reply"]})
+        states = client.get("/status").json()["kv_states"]
+        assert states["states"] == 1 and states["hits"] >= 1 and states["tokens_reused"] > 0
+    # shutdown spilled the state to disk: the restarted app's first turn restores it
+    with TestClient(create_app(db, config)) as client:
+        history.append({"role": "user", "content": "Where do I live?"})
+        client.post("/chat", json={"session_id": "ana", "messages": history})
+        states = client.get("/status").json()["kv_states"]
+        assert states["disk_restores"] == 1 and states["tokens_reused"] > 30
+        assert client.delete("/sessions/ana").json() == {"deleted": True}
+        states = client.get("/status").json()["kv_states"]
+        assert states["states"] == 0 and states["disk_states"] == 0

@@ -53,6 +53,7 @@ FIXED_AT_OPEN = (
     "busy_timeout_ms",
     "read_only",
     "check_on_open",
+    "kv_state_dir",
 )
 
 
