@@ -130,6 +130,12 @@ class LlamaTokenizer:
         self.metadata: dict[str, str] = dict(self._vocab.metadata)
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Free the vocabulary now (left to the garbage collector at interpreter exit,
+        llama-cpp-python's finaliser leaks a /dev/null handle)."""
+        with self._lock:
+            self._vocab.close()
+
     def count(self, texts: list[str]) -> list[int]:
         """Blocking: token counts of `texts` (call from a worker thread)."""
         return [self._count(t) for t in texts]

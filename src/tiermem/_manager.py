@@ -143,6 +143,8 @@ class KVCacheManager:
                 self._sessions.clear()
                 await self._store.close()
                 await self._parts.pool.aclose()
+                for close in self._parts.closers:
+                    close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):

@@ -77,6 +77,8 @@ class Parts:
     context_tokens: int | None
     pool: ModelPool
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    # what to free last, after the store and the pool (the GGUF's vocabulary)
+    closers: list[Callable[[], None]] = field(default_factory=list)
     # where chat models keep their KV states on disk (None: a database in memory)
     kv_state_dir: Path | None = None
     # chat models whose kept states the manager looks after (`attach_chat`)
@@ -158,6 +160,8 @@ async def open_parts(
         clock=clock,
     )
     parts = Parts(store, config, embedder, summarizer, tokens, shape, context, pool, stoppers)
+    if vocab is not None:
+        parts.closers.append(vocab.close)
     if config.kv_state_dir:
         parts.kv_state_dir = Path(config.kv_state_dir)
     elif str(path) != ":memory:" and not str(path).startswith("file:"):
