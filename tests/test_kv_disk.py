@@ -19,7 +19,7 @@ def state(n_tokens: int, size: int, seed: int = 0) -> KVState:
     rng = random.Random(seed)
     tokens = tuple(rng.randrange(50_000) for _ in range(n_tokens))
     data = rng.randbytes(size)
-    return KVState(tokens, data, checksum(tokens, data), "print")
+    return KVState(tokens, data, checksum(tokens, data), "print", time.time())
 
 
 def files(folder: Path) -> set[str]:
@@ -34,6 +34,7 @@ def file_size(s: KVState, key: tuple[str, str]) -> int:
             "fingerprint": s.fingerprint,
             "crc": s.crc,
             "tokens": len(s.tokens),
+            "created": s.created,
         }
     )
     return len(MAGIC) + 4 + len(head) + 4 * len(s.tokens) + len(s.data)
@@ -61,19 +62,20 @@ def test_a_state_comes_back_whole_and_its_file_costs_exact_bytes(tmp_path: Path)
 
 
 def test_the_disk_tier_keeps_under_its_budget_least_recently_used_first(tmp_path: Path) -> None:
-    one = file_size(state(10, 1_000), ("ns", "a"))
-    disk = KVStateDisk(tmp_path, 2 * one + 10)
-    disk.write(("ns", "a"), state(10, 1_000, seed=1))
-    disk.write(("ns", "b"), state(10, 1_000, seed=2))
+    a, b, c = (state(10, 1_000, seed=i) for i in range(3))
+    size = {name: file_size(s, ("ns", name)) for name, s in zip("abc", (a, b, c), strict=True)}
+    disk = KVStateDisk(tmp_path, size["a"] + size["c"] + 10)
+    disk.write(("ns", "a"), a)
+    disk.write(("ns", "b"), b)
     assert disk.read(("ns", "a")) is not None  # a is now used more recently than b
-    disk.write(("ns", "c"), state(10, 1_000, seed=3))
+    disk.write(("ns", "c"), c)
     assert disk.read(("ns", "b")) is None
-    assert disk.read(("ns", "a")) is not None and disk.read(("ns", "c")) is not None
-    assert disk.usage() == (2, 2 * one) and disk.evictions == 1
+    assert disk.read(("ns", "a")) == a and disk.read(("ns", "c")) == c
+    assert disk.usage() == (2, size["a"] + size["c"]) and disk.evictions == 1
     assert len(files(tmp_path)) == 2
     # a state over the whole budget is not kept at all
-    disk.write(("ns", "big"), state(10, 3 * one, seed=4))
-    assert disk.read(("ns", "big")) is None and disk.usage()[1] <= 2 * one + 10
+    disk.write(("ns", "big"), state(10, 3 * size["a"], seed=4))
+    assert disk.read(("ns", "big")) is None and disk.usage()[1] <= disk.max_bytes
     disk.close()
 
 
@@ -238,3 +240,45 @@ def test_a_spill_that_fails_is_reported_and_loses_only_the_state(tmp_path: Path)
     assert tier.get(("ns", "a")) is None and tier.get(("ns", "b")) is not None
     assert tier.disk is not None
     tier.disk.close()
+
+
+def test_a_drop_wipes_the_file_and_refuses_older_states_from_other_processes(
+    tmp_path: Path,
+) -> None:
+    here, there = KVStateDisk(tmp_path, 10**9), KVStateDisk(tmp_path, 10**9)
+    old = state(30, 4_000)  # still in another process's RAM when the session is deleted
+    here.write(("ns", "a"), state(30, 4_000, seed=1))
+    (name,) = files(tmp_path)
+    with (tmp_path / name).open("rb") as reader:  # what the disk still holds after
+        here.drop(("ns", "a"))
+        assert set(reader.read()) == {0}
+    assert files(tmp_path) == set()
+    there.write(("ns", "a"), old)  # the other process spills it at its shutdown
+    assert here.read(("ns", "a")) is None and files(tmp_path) == set()
+    newer = state(30, 4_000, seed=2)  # a new conversation under the same id
+    there.write(("ns", "a"), newer)
+    assert here.read(("ns", "a")) == newer
+    here.close()
+    there.close()
+
+
+def test_an_index_naming_another_sessions_file_loses_neither(tmp_path: Path) -> None:
+    disk = KVStateDisk(tmp_path, 10**9)
+    a, b = state(20, 1_000), state(20, 1_000, seed=1)
+    disk.write(("ns", "a"), a)
+    disk.write(("ns", "b"), b)
+    disk._db.execute(  # private: damage the index
+        "UPDATE states SET file = (SELECT file FROM states WHERE session = 'b') WHERE session = 'a'"
+    )
+    assert disk.read(("ns", "a")) is None
+    assert disk.read(("ns", "b")) == b
+    disk.close()
+
+
+def test_a_state_over_the_whole_ram_budget_goes_straight_to_disk(tmp_path: Path) -> None:
+    big = state(20, 10_000)
+    tier = cache(tmp_path, Clock(), max_bytes_total=5_000)
+    tier.put(("ns", "a"), big)
+    assert tier.stats.states == 0 and tier.stats.bytes == 0
+    tier.close()
+    assert tier.stats.disk_states == 1

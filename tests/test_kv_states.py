@@ -12,6 +12,7 @@ import pytest
 
 import tiermem
 from tiermem import KVStateCache, KVStateDisk
+from tiermem._kvstate import reusable  # private: the rule for what a restore reuses
 from tiermem._llm import bundled_gguf_path
 
 pytestmark = pytest.mark.real_models
@@ -69,16 +70,17 @@ async def test_restored_states_give_the_cold_output_and_sessions_never_mix(
 async def test_a_regenerated_reply_and_a_longer_one_equal_the_cold_ones(
     models: tuple[tiermem.LlamaChat, tiermem.LlamaChat],
 ) -> None:
-    """The same prompt again (all of it kept: one token is decoded again for its logits),
-    and a reply that continues past the last one (the kept state holds the prompt only:
-    a reply's KV, decoded a token at a time, differs in its last bits from a prefill's)."""
+    """The same prompt again (all of it kept: its last two tokens are decoded again for
+    the logits, not one alone), and a reply that continues past the last one (the kept
+    state holds the prompt only: a reply's KV, decoded a token at a time, differs in its
+    last bits from a prefill's)."""
     kept, cold = models
     messages = conversation("ana", 2)
     expected = await cold.complete(messages, 24, 60)
     for _ in range(3):
         assert await kept.complete(messages, 24, 60, ("ns", "ana")) == expected
     prompt = kept.last_reused + kept.last_prefilled
-    assert kept.last_prefilled == 1  # the last token, decoded again
+    assert kept.last_prefilled == 2  # never one token alone: see `reusable`
     text, _ = expected
     follow = [*messages, {"role": "assistant", "content": text}]
     follow.append({"role": "user", "content": "Tell me more."})
@@ -121,7 +123,10 @@ async def test_a_session_over_its_budget_keeps_the_longest_prefix_that_fits() ->
     pool = tiermem.ModelPool()
     per_token = 23_052  # the bundled model's f16 KV bytes a token, with cell metadata
     states = KVStateCache(
-        max_bytes_per_session=100 * per_token, max_bytes_total=150 * per_token, max_sessions=8
+        # just under 100 tokens' state: a cut from a longer state must still fit
+        max_bytes_per_session=100 * per_token + 743,
+        max_bytes_total=150 * per_token,
+        max_sessions=8,
     )
     kept = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, kv_states=states)
     cold = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, name="cold")
@@ -129,7 +134,7 @@ async def test_a_session_over_its_budget_keeps_the_longest_prefix_that_fits() ->
         await kept.complete(conversation("ana", 6), REPLY, 60, ("ns", "ana"))
         ana = states.get(("ns", "ana"))
         assert ana is not None and 90 <= len(ana.tokens) < 100
-        assert ana.nbytes <= 100 * per_token and states.stats.bytes == ana.nbytes
+        assert ana.nbytes <= 100 * per_token + 743 and states.stats.bytes == ana.nbytes
         messages = conversation("ana", 7)
         assert await kept.complete(messages, REPLY, 60, ("ns", "ana")) == (
             await cold.complete(messages, REPLY, 60)
@@ -213,7 +218,14 @@ async def test_states_from_disk_and_after_a_restart_give_the_cold_output(tmp_pat
 
 @pytest.mark.parametrize(
     "variant",
-    ["other GGUF", "window too small", "KV type", "flash attention", "rope_freq_base"],
+    [
+        "other GGUF",
+        "window too small",
+        "KV type",
+        "flash attention",
+        "rope_freq_base",
+        "metadata override",
+    ],
 )
 async def test_a_state_kept_by_a_model_made_another_way_is_never_loaded(
     tmp_path: Path, variant: str
@@ -233,6 +245,7 @@ async def test_a_state_kept_by_a_model_made_another_way_is_never_loaded(
             "KV type": {"type_k": 8},  # q8_0 keys
             "flash attention": {"flash_attn": True},
             "rope_freq_base": {"rope_freq_base": 20_000.0},
+            "metadata override": {"kv_overrides": {"llama.rope.freq_base": 1000.0}},
         }[variant]
     writer = tiermem.LlamaChat(
         bundled_gguf_path(), WINDOW, 1, pool, name="writer", kv_states=states(tmp_path)
@@ -357,3 +370,64 @@ async def test_the_manager_looks_after_its_chat_models_states(tmp_path: Path) ->
         assert chat.kv_states is not None and chat.kv_states.get(key) is None
         status = (await mgr.status()).kv_states
         assert status is not None and status.disk_restores == 1 and status.disk_states == 1
+
+
+@pytest.mark.parametrize(
+    "common, n, kept",
+    [
+        (100, 130, 100),  # the usual turn: the rest is 30 tokens
+        (130, 130, 128),  # all of it kept: two decoded again, not one alone
+        (129, 130, 128),  # one token left: two instead
+        (0, 130, 0),
+        (600, 1025, 512),  # a cold prefill of 1025 ends with one token alone: 512 + 1 ...
+        (1024, 1025, 1024),  # ... so may this one
+        (1000, 1025, 512),  # ... not 25 tokens then
+        (500, 513, 0),  # cold is 512 + 1: so is this one
+        (600, 610, 600),
+    ],
+)
+def test_reused_tokens_leave_no_token_decoded_alone_unless_a_cold_prefill_does(
+    common: int, n: int, kept: int
+) -> None:
+    """llama.cpp decodes a lone token another way (its KV and logits differ in the last
+    bits): the tokens decoded after the kept ones make batches of one exactly where a cold
+    prefill in batches of 512 does."""
+    assert reusable(common, n, 512) == kept
+    cold_alone = (n - 1) % 512 == 0
+    assert ((n - kept) % 512 == 1) == cold_alone and kept <= common
+
+
+async def test_a_new_session_never_reuses_another_sessions_tokens(
+    models: tuple[tiermem.LlamaChat, tiermem.LlamaChat],
+) -> None:
+    """Not even the system prompt they share: how much is reused (and so the time to the
+    first token) would tell one tenant what another's prompt holds."""
+    kept, cold = models
+    await kept.complete(conversation("ana", 2), REPLY, 60, ("tenant-a", "s"))
+    messages = conversation("ana", 2)
+    assert await kept.complete(messages, REPLY, 60, ("tenant-b", "s")) == (
+        await cold.complete(messages, REPLY, 60)
+    )
+    assert kept.last_reused == 0
+
+
+async def test_a_session_forgotten_while_its_call_is_in_flight_keeps_no_state(
+    tmp_path: Path,
+) -> None:
+    pool = tiermem.ModelPool()
+    tier = states(tmp_path)
+    kept = tiermem.LlamaChat(bundled_gguf_path(), WINDOW, 1, pool, kv_states=tier)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kept.complete, conversation("ana", 3), REPLY, 60, ("ns", "ana"))
+            await anyio.wait_all_tasks_blocked()  # it is loading the model
+            assert not kept.loaded
+            await kept.forget(("ns", "ana"))
+        assert tier.get(("ns", "ana")) is None
+        await kept.complete(conversation("ana", 4), REPLY, 60, ("ns", "ana"))
+        assert kept.last_reused == 0
+        await kept.forget(("ns", "ana"))
+        await kept.close_states()
+        assert not await anyio.to_thread.run_sync(lambda: list(tmp_path.glob("*.kvs")))
+    finally:
+        await pool.aclose()

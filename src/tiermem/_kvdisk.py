@@ -3,8 +3,12 @@
 A directory holds `<id>.kvs` files and `index.sqlite3`, whose one table is
 
     states(namespace, session, file, tokens, bytes, fingerprint, last_used)
+    dropped(namespace, session, at)
 
-keyed on (namespace, session): the session's latest spilled state. A file is written to a
+keyed on (namespace, session): the session's latest spilled state, and when the session's
+states were last dropped (deleted): a state made before that, still in another process's
+RAM, is never written afterwards. A dropped state's file is overwritten before it is
+removed. A file is written to a
 temporary name, fsynced and renamed before its row is committed, so a crash leaves at worst
 an orphan file (removed at the next open once it is a minute old), never a row naming a
 partial file. The tier keeps under its own byte budget by dropping the least recently used
@@ -42,12 +46,45 @@ log = logging.getLogger("tiermem")
 if TYPE_CHECKING:
     from ._kvstate import KVState, StateKey
 
+
+class _ForeignFile(ValueError):
+    """A state file that names another session."""
+
+
+def _parse(raw: bytes, key: StateKey) -> KVState:
+    """A state file's contents as the session's state; ValueError (and the like) when it
+    is not one."""
+    from ._kvstate import KVState
+
+    head_end = len(MAGIC) + _HEAD.size
+    if raw[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a state file")
+    (length,) = _HEAD.unpack_from(raw, len(MAGIC))
+    head = json.loads(raw[head_end : head_end + length])
+    if [head["namespace"], head["session"]] != list(key):
+        raise _ForeignFile("another session's file")
+    body = head_end + length
+    n = int(head["tokens"])
+    tokens = array("i")
+    tokens.frombytes(raw[body : body + 4 * n])
+    if len(tokens) != n:
+        raise ValueError("short file")
+    return KVState(
+        tuple(tokens),
+        raw[body + 4 * n :],
+        int(head["crc"]),
+        str(head["fingerprint"]),
+        float(head["created"]),
+    )
+
+
 MAGIC = b"TMKVS001"
 INDEX = "index.sqlite3"
 SUFFIX = ".kvs"
 # an unindexed file this old is a crashed writer's, not one being committed
 ORPHAN_SECONDS = 60.0
 _HEAD = struct.Struct("<I")  # the header's length
+_WIPE_CHUNK = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS states (
@@ -61,7 +98,16 @@ CREATE TABLE IF NOT EXISTS states (
     PRIMARY KEY (namespace, session)
 );
 CREATE INDEX IF NOT EXISTS states_by_use ON states (last_used);
+CREATE TABLE IF NOT EXISTS dropped (
+    namespace TEXT NOT NULL,
+    session TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (namespace, session)
+);
 """
+# a process keeps a state in RAM for at most its idle time (an hour by default) before
+# it spills it: a drop older than this has no state left to refuse
+DROPPED_KEEP_SECONDS = 7 * 24 * 3600.0
 
 
 class KVStateDisk:
@@ -76,13 +122,16 @@ class KVStateDisk:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
                 self.directory / INDEX,
-                timeout=30.0,
+                timeout=5.0,  # a cache: a lookup waits this long at most, then misses
                 check_same_thread=False,
                 isolation_level=None,
             )
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.executescript(_SCHEMA)
+                self._db.execute(
+                    "DELETE FROM dropped WHERE at < ?", (time.time() - DROPPED_KEEP_SECONDS,)
+                )
                 self._remove_orphans()
             except BaseException:
                 self._db.close()
@@ -94,13 +143,22 @@ class KVStateDisk:
 
     def write(self, key: StateKey, state: KVState) -> None:
         """Store `state` as the session's (replacing its previous one), then drop the
-        least recently used states until the tier is under its budget."""
+        least recently used states until the tier is under its budget. A state made
+        before the session was last dropped is not stored."""
         name = f"{uuid.uuid4().hex}{SUFFIX}"
         with self._storage("write a state to"):
-            self._write_index(key, state, name, self._write_file(name, key, state))
+            size = self._write_file(name, key, state)
+            for file in self._index(key, state, name, size):
+                self._unlink(file)
 
-    def _write_index(self, key: StateKey, state: KVState, name: str, size: int) -> None:
+    def _index(self, key: StateKey, state: KVState, name: str, size: int) -> list[str]:
+        """Index the file `name`; the files no longer indexed (to remove)."""
         with self._lock, self._transaction():
+            dropped = self._db.execute(
+                "SELECT at FROM dropped WHERE namespace = ? AND session = ?", key
+            ).fetchone()
+            if dropped is not None and dropped[0] >= state.created:
+                return [name]
             old = self._db.execute(
                 "SELECT file FROM states WHERE namespace = ? AND session = ?", key
             ).fetchone()
@@ -121,14 +179,11 @@ class KVStateDisk:
                 gone.append(file)
                 total -= nbytes
                 self.evictions += 1
-        for file in gone:
-            self._unlink(file)
+        return gone
 
     def read(self, key: StateKey) -> KVState | None:
-        """The session's state, or None (none stored, or its file unreadable: then the
-        entry is dropped)."""
-        from ._kvstate import KVState
-
+        """The session's state, or None: none stored, the index unreadable (a cache: a
+        miss), or its file unreadable (then the entry is forgotten)."""
         try:
             with self._lock:
                 row = self._db.execute(
@@ -140,47 +195,45 @@ class KVStateDisk:
                     "UPDATE states SET last_used = ? WHERE namespace = ? AND session = ?",
                     (time.time(), *key),
                 )
-        except sqlite3.Error as exc:  # a cache: an index that cannot be read is a miss
+        except sqlite3.Error as exc:
             log.warning("KV state index %s unreadable: %s", self.directory, exc)
             return None
         try:
-            with (self.directory / row[0]).open("rb") as f:
-                raw = f.read()
-            head_end = len(MAGIC) + _HEAD.size
-            if raw[: len(MAGIC)] != MAGIC:
-                raise ValueError("not a state file")
-            (length,) = _HEAD.unpack_from(raw, len(MAGIC))
-            head = json.loads(raw[head_end : head_end + length])
-            if [head["namespace"], head["session"]] != list(key):
-                raise ValueError("another session's file")
-            body = head_end + length
-            n = int(head["tokens"])
-            tokens = array("i")
-            tokens.frombytes(raw[body : body + 4 * n])
-            if len(tokens) != n:
-                raise ValueError("short file")
-            return KVState(
-                tuple(tokens),
-                raw[body + 4 * n :],
-                int(head["crc"]),
-                str(head["fingerprint"]),
-            )
+            return _parse((self.directory / row[0]).read_bytes(), key)
+        except _ForeignFile:  # the index is damaged: the file is another session's
+            self._forget(key, row[0], unlink=False)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
-            self.drop(key, only=row[0])
-            return None
+            self._forget(key, row[0], unlink=True)
+        return None
 
-    def drop(self, key: StateKey, only: str | None = None) -> None:
-        """Forget the session's state and remove its file (`only`: if it is still that
-        file: another process may have replaced it)."""
+    def drop(self, key: StateKey) -> None:
+        """Forget the session's state, overwrite and remove its file, and refuse any
+        state of it made until now (another process may still hold one in RAM)."""
         with self._storage("drop a state from"):
             with self._lock, self._transaction():
                 row = self._db.execute(
                     "SELECT file FROM states WHERE namespace = ? AND session = ?", key
                 ).fetchone()
-                if row is None or (only is not None and row[0] != only):
-                    return
                 self._db.execute("DELETE FROM states WHERE namespace = ? AND session = ?", key)
-            self._unlink(row[0])
+                self._db.execute(
+                    "INSERT OR REPLACE INTO dropped VALUES (?, ?, ?)", (*key, time.time())
+                )
+            if row is not None:
+                self._wipe(row[0])
+
+    def _forget(self, key: StateKey, file: str, unlink: bool) -> None:
+        """Forget an unreadable entry (if it still names `file`: another process may have
+        replaced it), removing the file if it is the session's own."""
+        try:
+            with self._lock, self._transaction():
+                cursor = self._db.execute(
+                    "DELETE FROM states WHERE namespace = ? AND session = ? AND file = ?",
+                    (*key, file),
+                )
+            if cursor.rowcount and unlink:
+                self._unlink(file)
+        except sqlite3.Error as exc:
+            log.warning("KV state index %s not updated: %s", self.directory, exc)
 
     def usage(self) -> tuple[int, int]:
         """States and bytes held (every process's)."""
@@ -208,6 +261,7 @@ class KVStateDisk:
                 "fingerprint": state.fingerprint,
                 "crc": state.crc,
                 "tokens": len(state.tokens),
+                "created": state.created,
             }
         ).encode()
         tmp = self.directory / f".tmp-{name}"
@@ -242,6 +296,24 @@ class KVStateDisk:
 
     def _unlink(self, file: str) -> None:
         (self.directory / file).unlink(missing_ok=True)
+
+    def _wipe(self, file: str) -> None:
+        """Overwrite the file with zeros, then remove it: a deleted session's tokens and KV
+        do not stay readable on the disk's free blocks (on a file system that writes in
+        place)."""
+        path = self.directory / file
+        try:
+            with path.open("r+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
+                zeros = bytes(_WIPE_CHUNK)
+                for start in range(0, size, _WIPE_CHUNK):
+                    f.write(zeros[: min(_WIPE_CHUNK, size - start)])
+                f.flush()
+                os.fsync(f.fileno())
+        except FileNotFoundError:
+            return
+        path.unlink(missing_ok=True)
 
     def _remove_orphans(self) -> None:
         """Files no row names (a writer crashed between its rename and its commit, or

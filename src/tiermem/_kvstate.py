@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import threading
 import time
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +59,7 @@ class KVState:
     data: bytes
     crc: int
     fingerprint: str
+    created: float = 0.0  # wall-clock time it was taken (a drop refuses older ones)
 
     @property
     def nbytes(self) -> int:
@@ -188,7 +190,7 @@ class KVStateCache:
             self._forget(key)
             self._states[key] = _Held(state, self._clock(), on_disk)
             self.stats.bytes += state.nbytes
-            while len(self._states) > 1 and (
+            while self._states and (
                 self.stats.bytes > self.max_bytes_total or len(self._states) > self.max_sessions
             ):
                 over_sessions = len(self._states) > self.max_sessions
@@ -259,10 +261,11 @@ class KVStateCache:
                         del self._spilling[key]
 
 
-def fingerprint(llama: Any, path: Path, template: str) -> str:
+def fingerprint(llama: Any, path: Path, template: str, options: Mapping[str, Any]) -> str:
     """What makes a state valid: the model file, the llama.cpp build, the KV layout and the
-    positional encoding of the context, and the chat template. Blocking (hashes the file
-    once per path, size and modification time)."""
+    positional encoding of the context, the chat template, and every other option the
+    model was made with (metadata overrides, a LoRA adapter and its file). Blocking
+    (hashes a file once per path, size and modification time)."""
     import llama_cpp
 
     params = llama.context_params
@@ -277,7 +280,10 @@ def fingerprint(llama: Any, path: Path, template: str) -> str:
         f"{params.yarn_beta_slow},{params.yarn_orig_ctx}",
         repr(rope),
         hashlib.sha256(template.encode()).hexdigest(),
+        json.dumps(dict(options), sort_keys=True, default=repr),
     ]
+    if options.get("lora_path"):
+        parts.append(_file_sha256(Path(options["lora_path"])))
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
@@ -295,19 +301,19 @@ def _file_sha256(path: Path) -> str:
 
 def capture(llama: Any, print_: str, max_bytes: int, prompt_tokens: int) -> KVState | None:
     """The context's sequence 0 as a state: its first `prompt_tokens` (the prompt's: a
-    reply's KV, computed a token at a time as it was generated, differs in its last bits
-    from a prefill's, enough to change a later greedy reply), cut to the longest prefix
-    under `max_bytes`. The context is cut the same way, so it still matches its token ids.
-    None when not even one token fits."""
+    reply's tokens were decoded one at a time, see `reusable`), cut to the longest prefix
+    under `max_bytes`. The context is cut the same way, so it still matches its token
+    ids. None when not even one token fits."""
     import llama_cpp
 
     ctx = llama._ctx.ctx
-    _cut(llama, min(llama.n_tokens, prompt_tokens))
+    cut(llama, min(llama.n_tokens, prompt_tokens))
     n = llama.n_tokens
     size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-    if n and size > max_bytes:
-        per_token = size / n  # an upper bound: the fixed part is spread over the tokens
-        _cut(llama, n := int(max_bytes // per_token))
+    while n > 0 and size > max_bytes:
+        # a state's bytes are per token plus a fixed part: a shorter one costs a little
+        # more a token, so the cut may need a second step
+        cut(llama, n := min(n - 1, int(n * max_bytes / size)))
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
     if n <= 0:
         return None
@@ -315,16 +321,33 @@ def capture(llama: Any, print_: str, max_bytes: int, prompt_tokens: int) -> KVSt
     written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
     data = bytes(buffer)[:written]
     tokens = tuple(int(t) for t in llama.input_ids[:n])
-    return KVState(tokens, data, checksum(tokens, data), print_)
+    return KVState(tokens, data, checksum(tokens, data), print_, time.time())
 
 
-def _cut(llama: Any, n: int) -> None:
+def cut(llama: Any, n: int) -> None:
     """Keep the context's first `n` tokens (the logits at hand are no longer the last
     token's: llama-cpp-python must decode one again before it samples)."""
     if n < llama.n_tokens:
         llama._ctx.kv_cache_seq_rm(0, max(n, 0), -1)
         llama.n_tokens = max(n, 0)
         llama._requires_eval = True
+
+
+def reusable(common: int, n: int, batch: int) -> int:
+    """How many of a prompt's `n` tokens to take from a context sharing its first
+    `common`, so that every token is decoded in a batch of the same kind as in a cold
+    prefill of the whole prompt (in batches of `batch` from its start). llama.cpp decodes a
+    batch of one token another way: its KV and logits differ in the last bits from a
+    batch's, and a greedy reply can change. So the rest is at least two tokens, or, when
+    the cold prefill's last batch is the last token alone, a number of tokens whose last
+    batch is too."""
+    if (n - 1) % batch == 0:
+        rest = n - min(common, n - 1)
+        return max(n - (rest + (1 - rest) % batch), 0)
+    reuse = min(common, n - 2)
+    if (n - reuse) % batch == 1:
+        reuse -= 1
+    return max(reuse, 0)
 
 
 def restore(llama: Any, state: KVState, print_: str) -> bool:

@@ -20,18 +20,22 @@ import anyio
 import anyio.to_thread
 
 from ._config import KVShape
-from ._errors import ModelError
+from ._errors import ModelError, StorageError
 from ._kvstate import (
     KVStateCache,
     StateKey,
     capture,
     common_prefix,
+    cut,
     fingerprint,
     restore,
+    reusable,
 )
 from ._pool import ModelPool
 from ._telemetry import Guarded, NoTelemetry, Telemetry
 from ._types import KVStateStats
+
+log = logging.getLogger("tiermem")
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOAD_LOCK = threading.Lock()
@@ -228,6 +232,7 @@ class LlamaChat:
         # (the loaded model's id, the session) whose state the live context holds
         self._live: tuple[int, StateKey] | None = None
         self._live_prompt = 0  # of which this many tokens were the last prompt
+        self._epochs: dict[StateKey, int] = {}  # how many times each session was forgotten
         # tokens of the last call's prompt taken from a kept state, and prefilled; the
         # time from the call getting the model to its first token (restore and prefill)
         self.last_reused = 0
@@ -255,6 +260,10 @@ class LlamaChat:
         running llama.cpp cannot be cancelled from outside; it counts from when this call
         gets the model, not the time spent queued behind other calls.
         """
+        if self.kv_states is None:
+            session = None
+        # a `forget` of the session from now on means its state is not kept after this
+        epoch = self._epochs.get(session, 0) if session is not None else 0
         try:
             async with self.pool.use(self.slot) as loaded:
                 return await anyio.to_thread.run_sync(
@@ -263,7 +272,8 @@ class LlamaChat:
                     messages,
                     max_tokens,
                     timeout,
-                    session if self.kv_states is not None else None,
+                    session,
+                    epoch,
                     limiter=self._limiter,
                 )
         finally:
@@ -274,6 +284,7 @@ class LlamaChat:
         holds it (a deleted session leaves no KV behind)."""
         if self.kv_states is None:
             return
+        self._epochs[session] = self._epochs.get(session, 0) + 1  # calls in flight keep none
         if not self.loaded:  # no live context: only the tiers
             await anyio.to_thread.run_sync(self._forget, None, session, limiter=self._limiter)
             return
@@ -321,7 +332,11 @@ class LlamaChat:
         must match (see `_kvstate.fingerprint`)."""
         llama = load_llama(self.path, n_ctx=self.n_ctx, n_threads=self._n_threads, **self._options)
         template = str(llama.metadata.get("tokenizer.chat_template", ""))
-        print_ = fingerprint(llama, self.path, template) if self.kv_states is not None else ""
+        print_ = (
+            fingerprint(llama, self.path, template, self._options)
+            if self.kv_states is not None
+            else ""
+        )
         return llama, _make_formatter(llama, self.path), print_
 
     def _complete(
@@ -331,6 +346,7 @@ class LlamaChat:
         max_tokens: int,
         timeout: float,
         session: StateKey | None,
+        epoch: int,
     ) -> tuple[str, int]:
         import llama_cpp
 
@@ -342,11 +358,14 @@ class LlamaChat:
         self.calls += 1
         prompt, stop = _format(formatter, messages)
         tokens = _tokenize(llama, prompt)
+        kept_tokens = 0  # of the prompt's, what a kept state may hold
         if session is None:
             llama.reset()
             self._live = None
         else:
-            self._prepare(llama, print_, session, tokens)
+            reused = self._prepare(llama, print_, session, tokens)
+            # a last token decoded alone is not kept (see `_kvstate.reusable`)
+            kept_tokens = len(tokens) - int((len(tokens) - reused) % llama.n_batch == 1)
         self.last_ttft_ms = None
 
         def late(_ids: Any, _logits: Any) -> bool:  # called as each token is sampled
@@ -364,7 +383,11 @@ class LlamaChat:
                 stop=stop,
                 stopping_criteria=llama_cpp.StoppingCriteriaList([late]),
             )
-            kept = session is not None and self._keep(llama, print_, session, len(tokens))
+            kept = (
+                session is not None
+                and self._epochs.get(session, 0) == epoch
+                and self._keep(llama, print_, session, kept_tokens)
+            )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"generation failed: {exc}") from exc
         finally:
@@ -378,39 +401,43 @@ class LlamaChat:
         text = str(out["choices"][0]["text"] or "").strip()
         return text, int(out["usage"]["completion_tokens"])
 
-    def _prepare(self, llama: Any, print_: str, session: StateKey, tokens: list[int]) -> None:
-        """Put the session's kept state in the context unless it is there already; then
-        count what the prompt reuses (llama-cpp-python's prefix match keeps the common
-        prefix of the context and the prompt, and replays one token when the prompt is
-        all prefix)."""
+    def _prepare(self, llama: Any, print_: str, session: StateKey, tokens: list[int]) -> int:
+        """Put the session's kept state in the context unless it is there already (and
+        nothing of another session's: its tokens must not serve this one, not even by
+        timing), cut it to what the prompt reuses (see `_kvstate.reusable`), count it and
+        return it. llama-cpp-python's prefix match then prefills only the rest."""
         assert self.kv_states is not None
         stats = self.kv_states.stats
         base = self._live_prompt  # the session's last prompt, in the context now
         if self._live != (id(llama), session):
             base = 0
             found = self.kv_states.lookup(session)
-            if found is not None:
-                state, from_disk = found
-                if not restore(llama, state, print_):
-                    stats.rejected += 1
+            if found is None:
+                llama.reset()
+            elif not restore(llama, state := found[0], print_):
+                stats.rejected += 1
+                try:
                     self.kv_states.drop(session)
-                else:
-                    base = len(state.tokens)
-                    stats.disk_restores += from_disk
-                    stats.restores += not from_disk
+                except StorageError as exc:  # the state is not used either way
+                    log.warning("a rejected KV state was not removed: %s", exc)
+            else:
+                base = len(state.tokens)
+                stats.disk_restores += found[1]
+                stats.restores += not found[1]
             self._live = None
-        held = int(llama.n_tokens)
-        reused = min(common_prefix(list(llama.input_ids[:held]), tokens), len(tokens) - 1)
-        reused = max(reused, 0)
-        if base == 0:  # no state of this session (a prefix of another's may still serve)
+        common = common_prefix(list(llama.input_ids[: llama.n_tokens]), tokens)
+        reused = reusable(common, len(tokens), llama.n_batch)
+        cut(llama, reused)
+        if base == 0:
             stats.misses += 1
-        elif reused >= min(base, len(tokens) - 1):
+        elif common >= min(base, len(tokens)):
             stats.hits += 1
         else:
             stats.partial_hits += 1
         stats.tokens_reused += reused
         stats.tokens_prefilled += len(tokens) - reused
         self.last_reused, self.last_prefilled = reused, len(tokens) - reused
+        return reused
 
     def _keep(self, llama: Any, print_: str, session: StateKey, prompt_tokens: int) -> bool:
         """Copy the context's state out for the session (its longest prefix under the
