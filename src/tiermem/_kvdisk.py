@@ -47,11 +47,22 @@ if TYPE_CHECKING:
     from ._kvstate import KVState, StateKey
 
 
+def _read(path: Path) -> bytearray:
+    """The whole file in one buffer, read once (a state is tens of MB)."""
+    with path.open("rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = bytearray(size)
+        view, done = memoryview(raw), 0
+        while done < size and (n := f.readinto(view[done:])):
+            done += n
+    return raw if done == size else raw[:done]
+
+
 class _ForeignFile(ValueError):
     """A state file that names another session."""
 
 
-def _parse(raw: bytes, key: StateKey) -> KVState:
+def _parse(raw: bytearray, key: StateKey) -> KVState:
     """A state file's contents as the session's state; ValueError (and the like) when it
     is not one."""
     from ._kvstate import KVState
@@ -71,7 +82,7 @@ def _parse(raw: bytes, key: StateKey) -> KVState:
         raise ValueError("short file")
     return KVState(
         tuple(tokens),
-        raw[body + 4 * n :],
+        memoryview(raw)[body + 4 * n :],
         int(head["crc"]),
         str(head["fingerprint"]),
         float(head["created"]),
@@ -199,7 +210,7 @@ class KVStateDisk:
             log.warning("KV state index %s unreadable: %s", self.directory, exc)
             return None
         try:
-            return _parse((self.directory / row[0]).read_bytes(), key)
+            return _parse(_read(self.directory / row[0]), key)
         except _ForeignFile:  # the index is damaged: the file is another session's
             self._forget(key, row[0], unlink=False)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
