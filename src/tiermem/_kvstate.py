@@ -2,13 +2,14 @@
 to the disk tier (`_kvdisk`).
 
 After a reply, the context's sequence state (`llama_state_seq_get_data`: the KV cells of
-the prompt so far and the reply) is copied out with the token ids it holds. On the
-session's next call the state is set back into the context and llama-cpp-python's own
-prefix match keeps the longest common token prefix with the new prompt: only the rest is
-prefilled. Greedy output is the same as a cold prefill's.
+the prompt, not of the reply, see `reusable`) is copied out with the token ids it holds.
+On the session's next call the state is set back into the context and cut to the common
+token prefix with the new prompt: only the rest is prefilled. Greedy output is the same
+as a cold prefill's.
 
 A state is valid only where it was made: the same GGUF (its sha256), llama.cpp build, KV
-types, flash attention, rope/yarn parameters and chat template (the fingerprint), in a
+types, flash attention, rope/yarn parameters, chat template and every other option of the
+model (the fingerprint), in a
 context with room for its tokens; it carries a crc32 of its token ids and bytes. Anything
 that does not match is a cold prefill, never a load: llama.cpp loads a state with another
 rope base or flipped bytes without complaint, and its output is wrong.
