@@ -232,7 +232,9 @@ class LlamaChat:
         # (the loaded model's id, the session) whose state the live context holds
         self._live: tuple[int, StateKey] | None = None
         self._live_prompt = 0  # of which this many tokens were the last prompt
-        self._epochs: dict[StateKey, int] = {}  # how many times each session was forgotten
+        # how many times each session was forgotten while calls were in flight
+        self._epochs: dict[StateKey, int] = {}
+        self._in_flight = 0
         # tokens of the last call's prompt taken from a kept state, and prefilled; the
         # time from the call getting the model to its first token (restore and prefill)
         self.last_reused = 0
@@ -264,6 +266,7 @@ class LlamaChat:
             session = None
         # a `forget` of the session from now on means its state is not kept after this
         epoch = self._epochs.get(session, 0) if session is not None else 0
+        self._in_flight += 1
         try:
             async with self.pool.use(self.slot) as loaded:
                 return await anyio.to_thread.run_sync(
@@ -277,6 +280,9 @@ class LlamaChat:
                     limiter=self._limiter,
                 )
         finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._epochs.clear()  # no call holds an older count
             self._emit_events()
 
     async def forget(self, session: StateKey) -> None:
