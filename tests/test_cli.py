@@ -553,15 +553,19 @@ def test_chat_shows_what_memory_does(tmp_path: Path) -> None:
         "What is my dog called?",
     ]
     env = {**os.environ, "TIERMEM_CLEAR_AFTER_CONVERSATIONS": "3"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tiermem._cli", "chat", "--db", str(tmp_path / "c.db")],
-        input="\n".join(lines) + "\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-        check=False,
-    )
+
+    def chat(lines: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tiermem._cli", "chat", "--db", str(tmp_path / "c.db")],
+            input="\n".join(lines) + "\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=240,
+            check=False,
+        )
+
+    done = chat(lines)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no loader noise, no warnings
     out = done.stdout
@@ -576,15 +580,7 @@ def test_chat_shows_what_memory_does(tmp_path: Path) -> None:
     assert len(reused) == 5 and reused[0] == 0 and max(reused) > 0
     assert len(re.findall(r"first token in \d+\.\d\d s", out)) == 5
     # the states went to disk at exit: the next run's first turn restores one
-    again = subprocess.run(
-        [sys.executable, "-m", "tiermem._cli", "chat", "--db", str(tmp_path / "c.db")],
-        input="Where do I live?\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-        check=False,
-    )
+    again = chat(["Where do I live?"])
     assert again.returncode == 0, again.stderr
     (first,) = re.findall(r"\[kv\] (\d+) prompt tokens reused", again.stdout)
     assert int(first) > 0
