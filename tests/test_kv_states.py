@@ -420,8 +420,9 @@ async def test_a_session_forgotten_while_its_call_is_in_flight_keeps_no_state(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(kept.complete, conversation("ana", 3), REPLY, 60, ("ns", "ana"))
-            await anyio.wait_all_tasks_blocked()  # it is loading the model
-            assert not kept.loaded
+            # it is loading the model (or, on a fast machine, already generating: the
+            # forget then waits for it in the model's turn; either way no state is kept)
+            await anyio.wait_all_tasks_blocked()
             await kept.forget(("ns", "ana"))
         assert tier.get(("ns", "ana")) is None
         await kept.complete(conversation("ana", 4), REPLY, 60, ("ns", "ana"))
