@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tiermem
+from tests import pg
 from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
 
 SHAPE = tiermem.KVShape(n_layers=2, n_kv_heads=2, head_dim=8, dtype_bytes=2)  # 128 B/token
@@ -31,6 +32,36 @@ def clock() -> Clock:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "memory.db"
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL with pgvector for the whole run (see tests/pg.py)."""
+    url = pg.start(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
+    """A database of this test's own on the PostgreSQL server."""
+    url = await pg.fresh_database(postgres_server)
+    try:
+        yield url
+    finally:
+        await pg.drop_database(postgres_server, url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, db_path: Path) -> str | Path:
+    """A database on every store: a SQLite file, or a PostgreSQL database's URL. A module
+    that runs its tests on both makes `db_path` this fixture."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return db_path
 
 
 @pytest.fixture

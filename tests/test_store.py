@@ -27,6 +27,7 @@ from tests.conftest import Clock
 from tiermem import (
     EmbeddingMismatchError,
     NewMessage,
+    PostgresStore,
     SnapshotEntryRow,
     SQLiteStore,
     StaleSession,
@@ -53,12 +54,13 @@ class Backend:
     open: Callable[[], Awaitable[Store]]  # opens the same database again each call
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, db_path: Path, clock: Clock) -> Backend:
-    """Every backend, on a database of its own (a PostgreSQL store joins here)."""
+    """Every backend, on a database of its own."""
     if request.param == "sqlite":
         return Backend("sqlite", lambda: SQLiteStore.open(db_path, "m", DIMS, clock=clock))
-    raise AssertionError(request.param)
+    url = request.getfixturevalue("postgres_url")
+    return Backend("postgres", lambda: PostgresStore.open(url, "m", DIMS, clock=clock))
 
 
 @pytest.fixture

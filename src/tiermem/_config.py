@@ -188,9 +188,14 @@ class KVCacheConfig(_Model):
     # aclose() waits this long for calls in flight before it cancels them
     close_wait_seconds: float = Field(default=10.0, ge=0.0)
     busy_timeout_ms: int = Field(default=10_000, ge=0)
+    # the database when `KVCacheManager.open` names none (TIERMEM_DATABASE_URL): a SQLite
+    # file, or a PostgreSQL URL ("postgresql://user@host/db"); default "tiermem.db"
+    database_url: str | None = None
+    # a PostgreSQL store's connections at most (one holds the sessions' advisory locks)
+    database_pool_size: int = Field(default=10, ge=2, le=1000)
     # reads only (a file this process may not write is opened so anyway)
     read_only: bool = False
-    # SQLite's quick_check at open: a read of the whole file, slow on a big one
+    # SQLite's quick_check at open: a read of the whole file, slow on a big one (SQLite only)
     check_on_open: bool = False
 
     @model_validator(mode="before")

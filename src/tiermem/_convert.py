@@ -6,7 +6,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import anyio
 import psutil
 
 from . import _text as text
@@ -148,14 +147,10 @@ def status(
 
 
 async def storage_status(store: Store) -> dict[str, int]:
-    """What the database holds, and the bytes of its files (the WAL included)."""
+    """What the database holds, and the bytes it takes (a SQLite file with its WAL)."""
     tables = ("sessions", "messages", "kv_snapshots", "session_summaries")
     counts = await store.counts(tables)
-    file_bytes = 0
-    for suffix in ("", "-wal"):
-        file = anyio.Path(store.path + suffix)
-        if await file.exists():
-            file_bytes += (await file.stat()).st_size
+    file_bytes = await store.size_bytes()
     names = ("sessions", "messages", "snapshots", "summaries")
     figures = {name: counts[table] for name, table in zip(names, tables, strict=True)}
     return {**figures, "file_bytes": file_bytes}

@@ -90,7 +90,7 @@ class KVCacheManager:
     @classmethod
     async def open(
         cls,
-        path: str | Path = "tiermem.db",
+        path: str | Path | None = None,
         config: KVCacheConfig | None = None,
         *,
         embedder: Embedder | None = None,
@@ -99,7 +99,9 @@ class KVCacheManager:
         clock: Callable[[], float] = time.time,
         telemetry: Telemetry | None = None,
     ) -> KVCacheManager:
-        """Open the database at `path` (created and migrated if new) with the given models.
+        """Open the database at `path` (created and migrated if new) with the given models:
+        a SQLite file, or a PostgreSQL URL (`postgresql://user@host/db`, with pgvector);
+        unset, `config.database_url` (`TIERMEM_DATABASE_URL`), else "tiermem.db".
 
         Unset models default to the bundled ones; the GGUF is checked now (its vocabulary
         and shape are read), so a missing or corrupt model fails here, not at a later turn.
@@ -108,6 +110,7 @@ class KVCacheManager:
         """
         with map_errors():
             config = config or KVCacheConfig()
+            path = path if path is not None else config.database_url or "tiermem.db"
             parts = await open_parts(path, config, embedder, summarizer, tokenizer, clock)
             return cls(parts, clock, telemetry or LoggingTelemetry())
 

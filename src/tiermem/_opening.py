@@ -17,7 +17,7 @@ from ._embedder import Embedder, SentenceTransformerEmbedder
 from ._errors import ConfigError, ModelError
 from ._llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from ._pool import ModelPool
-from ._store import SQLiteStore, Store
+from ._store import PostgresStore, SQLiteStore, Store, is_url
 from ._summarizer import LLMSummarizer, Summarizer, TokenCounter
 
 log = logging.getLogger("tiermem")
@@ -79,7 +79,8 @@ class Parts:
     stoppers: list[Callable[[], None]] = field(default_factory=list)
     # what to free last, after the store and the pool (the GGUF's vocabulary)
     closers: list[Callable[[], None]] = field(default_factory=list)
-    # where chat models keep their KV states on disk (None: a database in memory)
+    # where chat models keep their KV states on disk (None: a database in memory, or in
+    # PostgreSQL without `kv_state_dir`: states stay in this process's RAM)
     kv_state_dir: Path | None = None
     # chat models whose kept states the manager looks after (`attach_chat`)
     chats: list[LlamaChat] = field(default_factory=list)
@@ -150,20 +151,31 @@ async def open_parts(
     if tokenizer is None and vocab is None:
         log.warning("no tokenizer: tokens are estimated at four bytes each")
     context = config.context_window_tokens or (vocab.context_length() if vocab else None)
-    store = await SQLiteStore.open(
-        path,
-        embedder.model_name,
-        embedder.dimensions,
-        config.busy_timeout_ms,
-        read_only=config.read_only,
-        check=config.check_on_open,
-        clock=clock,
-    )
+    store: Store
+    if is_url(path):
+        store = await PostgresStore.open(
+            str(path),
+            embedder.model_name,
+            embedder.dimensions,
+            pool_size=config.database_pool_size,
+            read_only=config.read_only,
+            clock=clock,
+        )
+    else:
+        store = await SQLiteStore.open(
+            path,
+            embedder.model_name,
+            embedder.dimensions,
+            config.busy_timeout_ms,
+            read_only=config.read_only,
+            check=config.check_on_open,
+            clock=clock,
+        )
     parts = Parts(store, config, embedder, summarizer, tokens, shape, context, pool, stoppers)
     if vocab is not None:
         parts.closers.append(vocab.close)
     if config.kv_state_dir:
         parts.kv_state_dir = Path(config.kv_state_dir)
-    elif str(path) != ":memory:" and not str(path).startswith("file:"):
+    elif str(path) != ":memory:" and not str(path).startswith("file:") and not is_url(path):
         parts.kv_state_dir = Path(f"{path}.kvstates")
     return parts

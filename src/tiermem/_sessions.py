@@ -162,7 +162,7 @@ class SessionMemory:
         copy."""
         for attempt in range(STALE_RETRIES):
             try:
-                async with self.use(ident):
+                async with self.use(ident), self._store.hold(*ident):
                     return await work(await self.get(ident[1], ident[0], create))
             except StaleSession:
                 if attempt == STALE_RETRIES - 1:

@@ -91,7 +91,11 @@ def _check_embedding_model(conn: Any, path: str, params: Parameters) -> None:
     with this model's queries would silently return noise."""
     if 1 not in migrate.recorded(conn):  # blank: `meta` is made by the first migration
         return
-    known = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    check_embedding_meta(dict(conn.execute("SELECT key, value FROM meta").fetchall()), path, params)
+
+
+def check_embedding_meta(known: dict[str, str], path: str, params: Parameters) -> None:
+    """Refuse a database whose `meta` names another embedding model or dimension."""
     model, dims = params.embedding_model, params.dimensions
     known_model, known_dims = known.get("embedding_model"), known.get("embedding_dims")
     if known_dims is not None and int(known_dims) != dims:

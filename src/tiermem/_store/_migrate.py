@@ -72,10 +72,12 @@ def folder() -> Traversable:
     raise StorageError(f"tiermem's migrations are missing (neither {packaged} nor {checkout})")
 
 
-def available() -> list[Migration]:
-    """Every migration shipped with the package, in version order."""
+def available(backend: str | None = None) -> list[Migration]:
+    """Every migration shipped with the package, in version order: SQLite's, or those of
+    another backend (`postgres`: its own folder inside `migrations/`)."""
     found = []
-    for entry in folder().iterdir():
+    place = folder() if backend is None else folder().joinpath(backend)
+    for entry in place.iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration.of(int(match[1]), match[2], entry.read_text(encoding="utf-8")))

@@ -3,8 +3,8 @@
 A store keeps sessions (`sessions`, `session_state`), their messages with full-text and
 vector indexes (`messages`, `message_embeddings` and the backend's indexes), snapshots
 (`kv_snapshots`, `kv_snapshot_entries`) and one cumulative summary per session
-(`session_summaries`). `SQLiteStore` implements it; another backend proves itself on the
-same tests (tests/test_store.py takes the store as a parametrised fixture).
+(`session_summaries`). `SQLiteStore` and `PostgresStore` implement it, and pass the same
+tests (tests/test_store.py takes the store as a parametrised fixture).
 
 Contract: every write is one transaction, whole or not at all (cancellation included); a
 write of a session's state is refused with `StaleSession` unless the stored version is the
@@ -15,6 +15,7 @@ clock the store was opened with; failures are `StorageError`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -60,7 +61,17 @@ class Store(Protocol):
         """Release what an unclosed store holds, without waiting (at garbage collection)."""
         ...
 
+    async def size_bytes(self) -> int:
+        """The bytes the database takes (files, or the tables' relations)."""
+        ...
+
     # -- sessions and their state ----------------------------------------------------------
+
+    def hold(self, namespace: str, session_id: str) -> AbstractAsyncContextManager[None]:
+        """Hold the session against other processes for one call, so their calls on it take
+        turns instead of retrying on a stale copy. Correctness does not rest on it (every
+        write claims the session's version); SQLite's writes already take turns on the file."""
+        ...
 
     async def session_key(self, namespace: str, session_id: str) -> int | None: ...
 

@@ -22,7 +22,7 @@ def _in_session(key: int) -> str:
     return f'session_key : "{int(key)}"'
 
 
-def _nearest(distances: dict[int, float], k: int) -> list[SearchHit]:
+def nearest(distances: dict[int, float], k: int) -> list[SearchHit]:
     return [SearchHit(*item) for item in sorted(distances.items(), key=lambda item: item[1])[:k]]
 
 
@@ -79,7 +79,7 @@ class SearchQueries(MessageQueries):
             (bits(query), min(VEC0_MAX_K, KNN_OVERSAMPLE * k), key),
             conn=self._vector_reader,
         )
-        return _nearest(cosine_distances(query, rows), k)
+        return nearest(cosine_distances(query, rows), k)
 
     async def snapshot_vector_search(
         self, query: np.ndarray[Any, Any], key: int, k: int
@@ -94,7 +94,7 @@ class SearchQueries(MessageQueries):
             (key,),
             conn=self._vector_reader,
         )
-        return _nearest(cosine_distances(query, rows), k)
+        return nearest(cosine_distances(query, rows), k)
 
     async def distances(
         self, query: np.ndarray[Any, Any], rowids: Sequence[int]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -90,7 +91,22 @@ class SQLiteStore(SessionQueries, SearchQueries, SnapshotQueries):
             clock=clock,
         )
 
+    @asynccontextmanager
+    async def hold(self, namespace: str, session_id: str) -> AsyncIterator[None]:
+        """Nothing to take: writes to the file take turns (`BEGIN IMMEDIATE`), and each
+        claims the session's version."""
+        yield
+
     # -- introspection (tests, status) -----------------------------------------------------
+
+    async def size_bytes(self) -> int:
+        """The bytes of the file and its WAL."""
+        total = 0
+        for suffix in ("", "-wal"):
+            file = anyio.Path(self.path + suffix)
+            if await file.exists():
+                total += (await file.stat()).st_size
+        return total
 
     async def counts(self, tables: Sequence[str] = COUNTED_TABLES) -> dict[str, int]:
         """Row counts of `tables` (default: the main ones, vector tables included)."""

@@ -1,0 +1,359 @@
+"""The PostgreSQL store's messages and their search: `messages` (as in SQLite, plus
+`lexemes`, the `tsvector` of the text's opening under the `tiermem` configuration: stemmed,
+no stop words, accents folded here first, as FTS5's `porter unicode61 remove_diacritics`)
+and `message_embeddings` (pgvector; an HNSW index on the vectors cast to the model's
+dimension).
+
+Lexical search scores bm25 as FTS5 does (k1 1.2, b 0.75, the same idf), over the session's
+own messages only, so scores mean the same on both stores. Vector search ranks a session's
+vectors exactly when it holds few of them (its `session_key` index, then a sort), and
+through the HNSW index when it holds many, the index searched wide enough that its filter
+by session still leaves `KNN_OVERSAMPLE` x k candidates, ranked by exact distance (and
+exactly, through the session, if the filter left too few).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+
+from .. import _text as text
+from ._pg_base import escape, unescape
+from ._pg_state import PostgresSessionQueries, claim, write_state
+from ._rows import MessageKey, MessageRow, NewMessage, SearchHit, StateRow, TermCounts
+from ._search import nearest as _nearest
+from ._vectors import KNN_OVERSAMPLE, cosine_distances
+
+MESSAGE_COLUMNS = (
+    "id, position, message_id, role, content, created_at, token_count, metadata, escaped"
+)
+# a session with at most this many vectors is ranked exactly (a sort of its own vectors,
+# ~10 ms at this size); a larger one goes through the HNSW index
+EXACT_VECTORS = 20_000
+# the HNSW candidate list (`hnsw.ef_search`) is at least pgvector's default, at most this
+MAX_EF_SEARCH = 1000
+# a batch with more text than this has its index text prepared off the event loop
+INLINE_TEXT_CHARS = 64 * 1024
+
+
+def _row(r: Any) -> MessageRow:
+    return MessageRow(
+        int(r[0]),
+        int(r[1]),
+        r[2],
+        r[3],
+        unescape(r[4], r[8]),
+        float(r[5]),
+        int(r[6]),
+        r[7],
+    )
+
+
+def folded(value: str) -> str:
+    """What the full-text index reads of a text: its opening, accents removed (NFKD without
+    combining marks), NUL as a space."""
+    head = text.head(value, text.HEAD_CHARS).replace("\x00", " ")
+    decomposed = unicodedata.normalize("NFKD", head)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def index_texts(contents: Sequence[str]) -> list[tuple[str, int]]:
+    """Each text's folded opening and its word count (bm25's document length)."""
+    out = []
+    for content in contents:
+        fold = folded(content)
+        out.append((fold, len(text.words(fold))))
+    return out
+
+
+def _terms(terms: Sequence[str]) -> list[str]:
+    return [folded(t) for t in terms if t.strip()]
+
+
+class PostgresSearchQueries(PostgresSessionQueries):
+    # -- messages --------------------------------------------------------------------------
+
+    async def existing_ids(self, key: int, message_ids: Sequence[str]) -> dict[str, str]:
+        if not message_ids:
+            return {}
+        rows = await self._read_all(
+            "SELECT message_id, content_hash FROM messages WHERE session_key = $1 AND "
+            "message_id = ANY($2::text[])",
+            key,
+            list(message_ids),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def message_keys(
+        self,
+        key: int,
+        limit: int | None = None,
+        newest_first: bool = False,
+        like: tuple[Sequence[str], Sequence[str]] | None = None,
+    ) -> list[MessageKey]:
+        where = "session_key = $1"
+        params: list[Any] = [key]
+        if like is not None:
+            where += " AND (content_hash = ANY($3::text[]) OR message_id = ANY($4::text[]))"
+            params += [list(like[0]), list(like[1])]
+        rows = await self._read_all(
+            f"SELECT position, message_id, content_hash FROM messages WHERE {where}"
+            f" ORDER BY position {'DESC' if newest_first else 'ASC'} LIMIT $2",
+            params[0],
+            limit,
+            *params[1:],
+        )
+        keys = [MessageKey(int(r[0]), r[1], r[2]) for r in rows]
+        return keys[::-1] if newest_first else keys
+
+    async def append_messages(
+        self,
+        key: int,
+        messages: Sequence[NewMessage],
+        vectors: np.ndarray[Any, Any] | None,
+        state: StateRow,
+    ) -> list[int]:
+        """Messages, their index text and vectors, and the session's state (with its bm25
+        figures): one transaction."""
+        contents = [m.content for m in messages]
+        if sum(len(c) for c in contents) > INLINE_TEXT_CHARS:
+            indexed = await anyio.to_thread.run_sync(index_texts, contents)
+        else:
+            indexed = index_texts(contents)
+        stored = [escape(c) for c in contents]
+        async with self._transaction() as conn:
+            await claim(conn, key, state.version)
+            rows = await conn.fetch(
+                "INSERT INTO messages(session_key, position, message_id, role, content,"
+                " escaped, content_hash, metadata, created_at, token_count, lexemes,"
+                " lexical_length)"
+                " SELECT $1, m.position, m.message_id, m.role, m.content, m.escaped,"
+                " m.content_hash, m.metadata, m.created_at, m.token_count,"
+                " to_tsvector('tiermem', m.folded), m.words"
+                " FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::boolean[],"
+                " $7::text[], $8::text[], $9::float8[], $10::bigint[], $11::text[],"
+                " $12::int[]) WITH ORDINALITY AS m(position, message_id, role, content,"
+                " escaped, content_hash, metadata, created_at, token_count, folded, words, n)"
+                " ORDER BY m.n RETURNING id, position",
+                key,
+                [m.position for m in messages],
+                [m.message_id for m in messages],
+                [m.role for m in messages],
+                [s[0] for s in stored],
+                [s[1] for s in stored],
+                [m.content_hash for m in messages],
+                [m.metadata for m in messages],
+                [m.created_at for m in messages],
+                [m.token_count for m in messages],
+                [i[0] for i in indexed],
+                [i[1] for i in indexed],
+            )
+            ids = {int(r[1]): int(r[0]) for r in rows}
+            rowids = [ids[m.position] for m in messages]
+            if vectors is not None:
+                await conn.executemany(
+                    "INSERT INTO message_embeddings(message_rowid, session_key, embedding)"
+                    " VALUES ($1, $2, $3)",
+                    [(rowid, key, vectors[i]) for i, rowid in enumerate(rowids)],
+                )
+            await conn.execute(
+                "UPDATE session_state SET indexed_messages = indexed_messages + $2,"
+                " indexed_length = indexed_length + $3, indexed_vectors = indexed_vectors + $4"
+                " WHERE session_key = $1",
+                key,
+                len(messages),
+                sum(i[1] for i in indexed),
+                0 if vectors is None else len(messages),
+            )
+            await write_state(conn, key, state, self._clock())
+        return rowids
+
+    async def messages_by_rowid(self, rowids: Sequence[int]) -> list[MessageRow]:
+        if not rowids:
+            return []
+        rows = await self._read_all(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ANY($1::bigint[]) "
+            "ORDER BY position",
+            [int(i) for i in rowids],
+        )
+        return [_row(r) for r in rows]
+
+    async def messages_between(
+        self, key: int, after: int, through: int = 2**62
+    ) -> list[MessageRow]:
+        rows = await self._read_all(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_key = $1 AND position > $2 "
+            "AND position <= $3 ORDER BY position",
+            key,
+            after,
+            through,
+        )
+        return [_row(r) for r in rows]
+
+    async def messages_at(self, key: int, positions: Iterable[int]) -> list[MessageRow]:
+        wanted = sorted({int(p) for p in positions if p >= 0})
+        if not wanted:
+            return []
+        rows = await self._read_all(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_key = $1 AND "
+            "position = ANY($2::bigint[])",
+            key,
+            wanted,
+        )
+        return [_row(r) for r in rows]
+
+    async def rowids_between_times(
+        self, key: int, start: float, end: float, limit: int
+    ) -> list[int]:
+        rows = await self._read_all(
+            "SELECT id FROM messages WHERE session_key = $1 AND created_at >= $2 AND "
+            "created_at < $3 ORDER BY created_at DESC, id DESC LIMIT $4",
+            key,
+            start,
+            end,
+            limit,
+        )
+        return [int(r[0]) for r in rows]
+
+    async def latest_openings(self, key: int, count: int, chars: int) -> list[tuple[str, str]]:
+        rows = await self._read_all(
+            "SELECT role, substr(content, 1, $1), escaped FROM messages WHERE session_key = $2 "
+            "ORDER BY position DESC LIMIT $3",
+            chars,
+            key,
+            count,
+        )
+        return [(str(r[0]), unescape(r[1], r[2])[:chars]) for r in rows]
+
+    async def latest_time(self, key: int) -> float | None:
+        row = await self._read_one(
+            "SELECT MAX(created_at) FROM messages WHERE session_key = $1", key
+        )
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def message_vectors(self, rowids: Sequence[int]) -> dict[int, np.ndarray[Any, Any]]:
+        return {int(r[0]): r[1] for r in await self._embedding_rows(rowids)}
+
+    async def _embedding_rows(self, rowids: Sequence[int]) -> list[Any]:
+        if not rowids:
+            return []
+        return await self._read_all(
+            "SELECT message_rowid, embedding FROM message_embeddings "
+            "WHERE message_rowid = ANY($1::bigint[])",
+            [int(i) for i in rowids],
+        )
+
+    async def vectors_by_hash(self, hashes: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        if not hashes:
+            return {}
+        rows = await self._read_all(
+            "SELECT DISTINCT ON (m.content_hash) m.content_hash, v.embedding FROM messages m "
+            "JOIN message_embeddings v ON v.message_rowid = m.id "
+            "WHERE m.content_hash = ANY($1::text[]) ORDER BY m.content_hash, m.id",
+            sorted(set(hashes)),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    # -- search ----------------------------------------------------------------------------
+
+    async def lexical_search(self, terms: Sequence[str], key: int, limit: int) -> list[SearchHit]:
+        """The session's best `limit` matches for any of `terms` by bm25 (higher is better),
+        each term a plain text (`plainto_tsquery`: nothing in it is syntax)."""
+        searched = _terms(terms)
+        if not searched:
+            return []
+        rows = await self._read_all(
+            "WITH query AS (SELECT tiermem_any(plainto_tsquery('tiermem', t)) AS q"
+            " FROM unnest($2::text[]) t),"
+            " wanted AS (SELECT DISTINCT u.lexeme FROM unnest($2::text[]) t,"
+            " unnest(to_tsvector('tiermem', t)) u),"
+            " found AS MATERIALIZED (SELECT m.id, m.lexemes, m.lexical_length FROM messages m,"
+            " query WHERE m.session_key = $1 AND m.lexemes @@ query.q),"
+            " tf AS (SELECT f.id, f.lexical_length, u.lexeme,"
+            " coalesce(array_length(u.positions, 1), 1) AS n FROM found f,"
+            " unnest(f.lexemes) u WHERE u.lexeme IN (SELECT lexeme FROM wanted)),"
+            " df AS (SELECT lexeme, count(*) AS n FROM tf GROUP BY lexeme),"
+            " stats AS (SELECT greatest(indexed_messages, 1)::float8 AS docs,"
+            " greatest(indexed_length::float8 / greatest(indexed_messages, 1), 1) AS avgdl"
+            " FROM session_state WHERE session_key = $1)"
+            " SELECT tf.id, sum(greatest(ln((s.docs - df.n + 0.5) / (df.n + 0.5)), 1e-6)"
+            " * tf.n * 2.2 / (tf.n + 1.2 * (0.25 + 0.75 * tf.lexical_length / s.avgdl)))"
+            " AS score FROM tf JOIN df USING (lexeme) CROSS JOIN stats s"
+            " GROUP BY tf.id ORDER BY score DESC, tf.id LIMIT $3",
+            key,
+            searched,
+            limit,
+        )
+        return [SearchHit(int(r[0]), float(r[1])) for r in rows]
+
+    async def term_counts(self, terms: Sequence[str], key: int, latest: int) -> TermCounts:
+        """How many of the session's `latest` messages hold each term, beside how many
+        those are (a term that is no word, or only syntax, is in none)."""
+        row = await self._read_one(
+            "WITH latest AS MATERIALIZED (SELECT lexemes FROM messages WHERE session_key = $1"
+            " ORDER BY position DESC LIMIT $2)"
+            " SELECT (SELECT count(*) FROM latest), ARRAY(SELECT (SELECT count(*) FROM latest"
+            " WHERE lexemes @@ plainto_tsquery('tiermem', t.term)) FROM unnest($3::text[])"
+            " WITH ORDINALITY AS t(term, n) ORDER BY t.n)",
+            key,
+            latest,
+            [folded(t) for t in terms],
+        )
+        return TermCounts(int(row[0]), [int(n) for n in row[1]])
+
+    async def vector_search(self, query: np.ndarray[Any, Any], key: int, k: int) -> list[SearchHit]:
+        """The session's k nearest messages by cosine distance, nearest first."""
+        wanted = KNN_OVERSAMPLE * k
+        dims = self.dimensions
+        distance = f"(embedding::vector({dims})) <=> $2::vector({dims})"
+        nearest = f"SELECT message_rowid, {distance} FROM message_embeddings WHERE session_key = $1"
+        held = await self._read_one(
+            "SELECT indexed_vectors, (SELECT reltuples FROM pg_class"
+            " WHERE oid = 'message_embeddings'::regclass) FROM session_state"
+            " WHERE session_key = $1",
+            key,
+        )
+        if held is None:
+            return []
+        session_vectors, table_vectors = int(held[0]), float(held[1])
+        rows: list[Any] = []
+        if session_vectors > EXACT_VECTORS:
+            # the index is filtered after its search: wide enough to keep `wanted` of the
+            # session's among the table's
+            share = session_vectors / max(table_vectors, session_vectors)
+            ef = int(min(MAX_EF_SEARCH, max(40, wanted / share)))
+            with_index = f"{nearest} ORDER BY {distance} LIMIT $3"
+            async with self._transaction() as conn:
+                await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+                rows = await conn.fetch(with_index, key, query, wanted)
+        if len(rows) < min(k, session_vectors):
+            # exact: `+ 0` keeps the planner off the index (it would filter it)
+            rows = await self._read_all(
+                f"{nearest} ORDER BY ({distance}) + 0 LIMIT $3", key, query, k
+            )
+        return [SearchHit(int(r[0]), float(r[1])) for r in rows[:k]]
+
+    async def snapshot_vector_search(
+        self, query: np.ndarray[Any, Any], key: int, k: int
+    ) -> list[SearchHit]:
+        rows = await self._read_all(
+            "SELECT message_rowid, embedding FROM message_embeddings WHERE message_rowid IN "
+            "(SELECT e.message_rowid FROM kv_snapshots s "
+            "JOIN kv_snapshot_entries e ON e.snapshot_id = s.id WHERE s.session_key = $1)",
+            key,
+        )
+        return _nearest(_distances(query, rows), k)
+
+    async def distances(
+        self, query: np.ndarray[Any, Any], rowids: Sequence[int]
+    ) -> dict[int, float]:
+        return _distances(query, await self._embedding_rows(rowids))
+
+
+def _distances(query: np.ndarray[Any, Any], rows: Sequence[Any]) -> dict[int, float]:
+    """Cosine distances through the SQLite store's function (it reads float32 bytes)."""
+    return cosine_distances(query, [(r[0], np.ascontiguousarray(r[1]).tobytes()) for r in rows])
