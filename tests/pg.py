@@ -70,3 +70,41 @@ async def drop_database(server: str, database: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         await conn.close()
+
+
+TABLES = (
+    "sessions",
+    "messages",
+    "message_embeddings",
+    "kv_snapshots",
+    "kv_snapshot_entries",
+    "session_summaries",
+    "session_state",
+)
+
+
+async def counts(database: str) -> dict[str, int]:
+    """Row counts of tiermem's tables, read directly (not through a store)."""
+    conn = await asyncpg.connect(database)
+    try:
+        return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
+    finally:
+        await conn.close()
+
+
+async def assert_whole(database: str, *, embedded: bool = True) -> dict[str, int]:
+    """Every message has its vector (if `embedded`) and no snapshot is half written, as
+    `rawfile.assert_whole` checks a SQLite file. Returns the counts."""
+    n = await counts(database)
+    if embedded:
+        assert n["message_embeddings"] == n["messages"], n
+    conn = await asyncpg.connect(database)
+    try:
+        half = await conn.fetch(
+            "SELECT s.id FROM kv_snapshots s LEFT JOIN kv_snapshot_entries e"
+            " ON e.snapshot_id = s.id GROUP BY s.id HAVING count(e.id) <> max(s.entry_count)"
+        )
+    finally:
+        await conn.close()
+    assert half == []
+    return n

@@ -1,14 +1,19 @@
 """Isolation: what one namespace writes, another never sees, in any tier or summary, over
-random interleavings of sessions and namespaces (a hypothesis property test)."""
+random interleavings of sessions and namespaces (a hypothesis property test), on both
+stores."""
 
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tiermem
+from tests import pg
 from tests.conftest import SHAPE
 from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
 
@@ -33,7 +38,21 @@ def leaked(texts: list[str], namespace: str) -> list[str]:
     return [t for t in texts if any(f"{o}word" in t for o in others)]
 
 
-async def play(ops: list[tuple[str, str, bool, int]], concurrent: bool) -> None:
+@asynccontextmanager
+async def blank(store: str) -> AsyncIterator[str | Path]:
+    """A new database on `store`, gone afterwards."""
+    if store == "postgres":
+        url = await pg.fresh_database(pg.url())
+        try:
+            yield url
+        finally:
+            await pg.drop_database(pg.url(), url)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            yield Path(folder) / "iso.db"
+
+
+async def play(store: str, ops: list[tuple[str, str, bool, int]], concurrent: bool) -> None:
     config = tiermem.KVCacheConfig(
         kv_shape=SHAPE,
         summary_mode="inline",
@@ -42,9 +61,9 @@ async def play(ops: list[tuple[str, str, bool, int]], concurrent: bool) -> None:
         retrieve_always=True,
     )
     seen: dict[str, list[str]] = {n: [] for n in NAMESPACES}
-    with tempfile.TemporaryDirectory() as folder:
+    async with blank(store) as database:
         mgr = await tiermem.KVCacheManager.open(
-            Path(folder) / "iso.db",
+            database,
             config,
             embedder=HashingEmbedder(),
             summarizer=RecordingSummarizer(),
@@ -88,9 +107,10 @@ async def play(ops: list[tuple[str, str, bool, int]], concurrent: bool) -> None:
                 assert leaked(seen[ns], ns) == []
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, concurrent=st.booleans())
 def test_namespaces_never_see_each_other(
-    ops: list[tuple[str, str, bool, int]], concurrent: bool
+    store: str, postgres_server: str, ops: list[tuple[str, str, bool, int]], concurrent: bool
 ) -> None:
-    anyio.run(play, ops, concurrent)
+    anyio.run(play, store, ops, concurrent)

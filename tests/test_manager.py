@@ -1,4 +1,5 @@
-"""The manager loop on fakes: clears, preservation, snapshots, summaries, bridges, tiers."""
+"""The manager loop on fakes: clears, preservation, snapshots, summaries, bridges, tiers.
+Every test runs on both stores (SQLite, PostgreSQL)."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -7,12 +8,23 @@ from typing import Any
 import pytest
 
 import tiermem
-from tests import rawfile
+from tests import pg, rawfile
 from tests.conftest import SHAPE
 from tests.fakes import RecordingSummarizer
 from tiermem import ClearReason, KVCacheConfig, Message
 
 SYSTEM = Message("system", "You are a helpful assistant for Ana's trip.", id="sys")
+
+
+@pytest.fixture
+def db_path(database: str | Path) -> str | Path:
+    """The manager's database, on every store."""
+    return database
+
+
+async def whole(db: str | Path) -> dict[str, int]:
+    """The database's row counts, once checked whole (see rawfile, pg)."""
+    return await pg.assert_whole(db) if isinstance(db, str) else rawfile.assert_whole(db)
 
 
 def turn(i: int, user: str | None = None, assistant: str | None = None) -> list[Message]:
@@ -279,14 +291,14 @@ async def test_restart_recovery(open_manager: Callable[..., Any]) -> None:
 
 
 async def test_delete_session_leaves_nothing(
-    manager: tiermem.KVCacheManager, db_path: Path
+    manager: tiermem.KVCacheManager, db_path: str | Path
 ) -> None:
     await run_turns(manager, 17, sid="gone")
     await run_turns(manager, 2, sid="kept")
-    before = rawfile.counts(db_path)
+    before = await whole(db_path)
     assert before["kv_snapshots"] > 0 and before["session_summaries"] > 0
     assert await manager.delete_session("gone") is True
-    counts = rawfile.assert_whole(db_path)  # no index row left behind either
+    counts = await whole(db_path)  # no index row left behind either
     kept = len(await manager.get_conversation_history("kept"))
     assert kept == 5 and counts["messages"] == kept
     assert counts["kv_snapshots"] == counts["kv_snapshot_entries"] == 0

@@ -1,6 +1,7 @@
 """The manager against a small reference model (a hypothesis state machine): turns,
 re-sent conversations, clears, snapshots, restores, summaries, deletes, idle eviction,
-maintenance and restarts, in any order, over sessions of two namespaces.
+maintenance and restarts, in any order, over sessions of two namespaces, on both stores
+(a SQLite file; a PostgreSQL database of the session's server, see tests/pg.py).
 
 The reference knows only the rules of DESIGN.md section 2. Importance is made to depend on
 the content alone (every other scoring weight is 0), so what a clear keeps is decidable:
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import tiermem
+from tests import pg
 from tests.conftest import SHAPE, Clock
 from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
 
@@ -58,11 +60,15 @@ class Ref:
 
 
 class ManagerMachine(RuleBasedStateMachine):
+    postgres = False
+
     def __init__(self) -> None:
         super().__init__()
         self.folder = tempfile.TemporaryDirectory()
-        self.path = Path(self.folder.name) / "state.db"
         self.loop = asyncio.new_event_loop()
+        self.path: str | Path = Path(self.folder.name) / "state.db"
+        if self.postgres:
+            self.path = self.run(pg.fresh_database(pg.url()))
         self.clock = Clock()
         self.refs: dict[tuple[str, str], Ref] = {}
         self.counter = 0
@@ -103,6 +109,8 @@ class ManagerMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             self.run(self.mgr.aclose())
+            if isinstance(self.path, str):
+                self.run(pg.drop_database(pg.url(), self.path))
         finally:
             self.loop.close()
             self.folder.cleanup()
@@ -266,10 +274,18 @@ class ManagerMachine(RuleBasedStateMachine):
                 await mgr.get_conversation_history(sid, namespace=ns)
 
 
-ManagerMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class PostgresManagerMachine(ManagerMachine):
+    postgres = True
+
+
+for machine, examples in ((ManagerMachine, 150), (PostgresManagerMachine, 60)):
+    machine.TestCase.settings = settings(
+        max_examples=examples,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 TestManagerAgainstReference = ManagerMachine.TestCase
+TestManagerAgainstReferenceOnPostgres = pytest.mark.usefixtures("postgres_server")(
+    PostgresManagerMachine.TestCase
+)

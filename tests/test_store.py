@@ -859,8 +859,9 @@ def test_a_migration_naming_an_unknown_step_is_refused() -> None:
 
 @pytest.mark.slow
 def test_the_wheel_carries_the_migrations(tmp_path: Path) -> None:
-    """The wheel holds `migrations/` as `tiermem/migrations` (hatch force-include): the
-    package installed from it, with no checkout in sight, migrates a new database."""
+    """The wheel holds `migrations/` (PostgreSQL's folder too) as `tiermem/migrations`
+    (hatch force-include): the package installed from it, with no checkout in sight,
+    migrates a new database."""
     dist, target = tmp_path / "dist", tmp_path / "installed"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # hatchling in the environment: build with it; else pip fetches it for the build
@@ -871,7 +872,9 @@ def test_the_wheel_carries_the_migrations(tmp_path: Path) -> None:
         timeout=300,
     )
     [wheel] = dist.glob("tiermem-*.whl")
-    shipped = sorted(p.name for p in (ROOT / "migrations").glob("*.sql"))
+    shipped = sorted(
+        str(p.relative_to(ROOT / "migrations")) for p in (ROOT / "migrations").rglob("*.sql")
+    )
     with zipfile.ZipFile(wheel) as archive:
         carried = sorted(
             name.removeprefix("tiermem/migrations/")
@@ -910,7 +913,7 @@ def test_the_wheel_carries_the_migrations(tmp_path: Path) -> None:
     found = json.loads(out.stdout.splitlines()[-1])
     assert Path(found["package"]).is_relative_to(target)
     assert Path(found["folder"]) == target / "tiermem" / "migrations"
-    assert found["versions"] == [int(name[:4]) for name in shipped]
+    assert found["versions"] == [int(name[:4]) for name in shipped if "/" not in name]
 
 
 # -- one clock, through the public API ---------------------------------------------------
