@@ -1,8 +1,9 @@
-"""Several worker processes on one file, as under `uvicorn --workers N`: 4 workers run 2,000
-turns over shared and private sessions of two namespaces while one of them is SIGKILLed at
-random moments and restarted. Afterwards the file is whole, every acknowledged message is
+"""Several worker processes on one database, as under `uvicorn --workers N` or replicas of a
+backend: 4 workers run turns over shared and private sessions of two namespaces (500 each
+on a SQLite file, 2,000 each on PostgreSQL) while one of them is SIGKILLed at random
+moments and restarted. Afterwards the database is whole, every acknowledged message is
 stored once in its own session, counters agree with the histories, every worker's view
-equals the file, and no tenant's text reached another tenant."""
+equals the database, and no tenant's text reached another tenant."""
 
 import json
 import random
@@ -14,25 +15,26 @@ import time
 from pathlib import Path
 
 import anyio
+import asyncpg
 import pytest
 
 import tiermem
-from tests import rawfile
+from tests import pg, rawfile
 from tests.conftest import SHAPE
 from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
 
 ROOT = Path(__file__).parent.parent
 WORKERS = 4
-TURNS = 500  # per worker: 2,000 in all
+TURNS = {"sqlite": 500, "postgres": 2000}  # per worker
 CLEAR_AFTER = 7
 SHARED = [("tenant-a", "shared-0"), ("tenant-b", "shared-1"), ("tenant-a", "shared-2")]
 
 
-def plan(worker: int) -> list[tuple[str, str]]:
+def plan(worker: int, turns: int) -> list[tuple[str, str]]:
     """The (namespace, session) of each of a worker's turns: half shared, half private."""
     rng = random.Random(worker)
     own = ("tenant-a" if worker % 2 else "tenant-b", f"private-{worker}")
-    return [rng.choice(SHARED) if rng.random() < 0.5 else own for _ in range(TURNS)]
+    return [rng.choice(SHARED) if rng.random() < 0.5 else own for _ in range(turns)]
 
 
 # runs a worker's plan from its first unacknowledged turn; an acknowledgement is a line
@@ -47,7 +49,7 @@ WORKER = textwrap.dedent(
     from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
     from tests.test_processes import CLEAR_AFTER, SHARED, WORKERS, plan
 
-    async def main(folder, worker):
+    async def main(folder, worker, database, turns):
         folder = os.path.abspath(folder)
         log = os.path.join(folder, f"acks-{{worker}}")
         done = len(open(log).read().split()) if os.path.exists(log) else 0
@@ -55,11 +57,11 @@ WORKER = textwrap.dedent(
             kv_shape=SHAPE, summary_mode="inline", clear_after_conversations=CLEAR_AFTER,
             busy_timeout_ms=60_000)
         mgr = await tiermem.KVCacheManager.open(
-            os.path.join(folder, "shared.db"), config, embedder=HashingEmbedder(),
+            database, config, embedder=HashingEmbedder(),
             summarizer=RecordingSummarizer(), tokenizer=WordCounter())
         leaks = 0
         with open(log, "a") as acks:
-            for turn, (ns, sid) in enumerate(plan(worker)):
+            for turn, (ns, sid) in enumerate(plan(worker, turns)):
                 if turn < done:
                     continue
                 text = f"{{ns}} keeps secret {{worker}}x{{turn}} in {{sid}}"
@@ -73,7 +75,8 @@ WORKER = textwrap.dedent(
                     leaks += sum(not h.text.startswith(ns + " ") for h in hits.entries)
         open(os.path.join(folder, f"done-{{worker}}"), "w").write(str(leaks))
         sys.stdin.read()  # the parent closes it once every worker is done
-        sessions = set(SHARED) | {{(ns, sid) for w in range(WORKERS) for ns, sid in plan(w)}}
+        sessions = set(SHARED) | {{
+            (ns, sid) for w in range(WORKERS) for ns, sid in plan(w, turns)}}
         view = {{}}
         for ns, sid in sorted(sessions):
             state = await mgr.get_session_state(sid, namespace=ns)
@@ -84,15 +87,15 @@ WORKER = textwrap.dedent(
         await mgr.aclose()
         open(os.path.join(folder, f"view-{{worker}}"), "w").write(json.dumps(view))
 
-    anyio.run(main, sys.argv[1], int(sys.argv[2]))
+    anyio.run(main, sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     """
 ).format(root=str(ROOT))
 
 
-def start(folder: Path, worker: int) -> subprocess.Popen[bytes]:
+def start(folder: Path, worker: int, database: str, turns: int) -> subprocess.Popen[bytes]:
     with open(folder / f"stderr-{worker}", "ab") as err:  # the child keeps its own copy
         return subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(folder), str(worker)],
+            [sys.executable, "-c", WORKER, str(folder), str(worker), database, str(turns)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -104,9 +107,9 @@ def close_stdin(worker: subprocess.Popen[bytes]) -> None:
     worker.stdin.close()
 
 
-async def file_view(folder: Path) -> dict[str, list[object]]:
+async def file_view(database: str) -> dict[str, list[object]]:
     async with await tiermem.KVCacheManager.open(
-        folder / "shared.db",
+        database,
         tiermem.KVCacheConfig(kv_shape=SHAPE, summary_mode="inline"),
         embedder=HashingEmbedder(),
         summarizer=RecordingSummarizer(),
@@ -126,16 +129,41 @@ async def file_view(folder: Path) -> dict[str, list[object]]:
         return view
 
 
+async def crossed(database: str) -> int:
+    """Messages stored under a namespace their text does not name."""
+    sql = (
+        "SELECT COUNT(*) FROM messages m JOIN sessions s ON s.id = m.session_key "
+        "WHERE m.content NOT LIKE s.namespace || ' keeps secret %'"
+    )
+    if not pg.is_url(database):
+        with rawfile.reading(database) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+    conn = await asyncpg.connect(database)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_four_workers_with_kills_keep_one_truth(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    database = str(tmp_path / "shared.db")
+    if store == "postgres":
+        database = request.getfixturevalue("postgres_url")
+    turns = TURNS[store]
     rng = random.Random(7)
-    workers = {w: start(tmp_path, w) for w in range(WORKERS)}
+    workers = {w: start(tmp_path, w, database, turns) for w in range(WORKERS)}
     kills = 0
     released = False
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1200
     while any(p.poll() is None for p in workers.values()) and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.5, 2.5))
+        if any(p.poll() not in (None, 0) for p in workers.values()):
+            break  # a worker failed on its own (killed ones are restarted at once)
         alive = [w for w, p in workers.items() if p.poll() is None]
         unfinished = [w for w in alive if not (tmp_path / f"done-{w}").exists()]
         if kills < 8 and unfinished:
@@ -144,7 +172,7 @@ def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
             workers[victim].wait()
             close_stdin(workers[victim])
             kills += 1
-            workers[victim] = start(tmp_path, victim)
+            workers[victim] = start(tmp_path, victim, database, turns)
         if not released and all((tmp_path / f"done-{w}").exists() for w in range(WORKERS)):
             for p in workers.values():  # every worker is done: all may read the file now
                 close_stdin(p)
@@ -156,12 +184,15 @@ def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
         assert p.returncode == 0, f"worker {w} failed:\n{err[-3000:]}"
     assert kills >= 4
 
-    rawfile.assert_whole(tmp_path / "shared.db")
+    if store == "postgres":
+        anyio.run(pg.assert_whole, database)
+    else:
+        rawfile.assert_whole(database)
 
-    truth = anyio.run(file_view, tmp_path)
+    truth = anyio.run(file_view, database)
     expected: dict[str, list[str]] = {}
     for w in range(WORKERS):
-        for turn, (ns, sid) in enumerate(plan(w)):
+        for turn, (ns, sid) in enumerate(plan(w, turns)):
             expected.setdefault(f"{ns}/{sid}", []).append(f"w{w}-t{turn}")
     assert set(truth) == set(expected)
     for name, (messages, turns, clears, ids) in truth.items():
@@ -178,9 +209,4 @@ def test_four_workers_with_kills_keep_one_truth(tmp_path: Path) -> None:
         assert json.loads((tmp_path / f"view-{w}").read_text()) == truth, f"worker {w}"
         assert (tmp_path / f"done-{w}").read_text() == "0", f"worker {w} saw another tenant"
     # no message text of one namespace is stored under the other
-    with rawfile.reading(tmp_path / "shared.db") as conn:
-        crossed = conn.execute(
-            "SELECT COUNT(*) FROM messages m JOIN sessions s ON s.id = m.session_key "
-            "WHERE m.content NOT LIKE s.namespace || ' keeps secret %'"
-        ).fetchone()[0]
-    assert crossed == 0
+    assert anyio.run(crossed, database) == 0

@@ -106,9 +106,11 @@ CREATE TABLE kv_snapshot_entries (
 CREATE INDEX kv_snapshot_entries_by_snapshot ON kv_snapshot_entries (snapshot_id);
 CREATE INDEX kv_snapshot_entries_by_message ON kv_snapshot_entries (message_rowid);
 
+-- `text` escaped as a message's `content` where it holds NUL (`escaped`)
 CREATE TABLE session_summaries (
     session_key     bigint PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
     text            text NOT NULL,
+    escaped         boolean NOT NULL DEFAULT false,
     token_count     bigint NOT NULL,
     message_count   bigint NOT NULL,
     clear_count     bigint NOT NULL,

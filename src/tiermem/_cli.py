@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 import anyio
 import anyio.to_thread
 
-from ._config import KVCacheConfig
+from ._config import KVCacheConfig, is_url
 from ._errors import InvalidInputError, NotFoundError, TierMemError
 from ._jsonl import (
     check_json,
@@ -62,7 +63,10 @@ def _tables(path: str) -> set[str] | None:
 
 async def _check_db(path: str, create: bool) -> None:
     """`--db` names a tiermem database (or, if `create`, no file yet): not a folder, and not
-    another program's SQLite file, which opening would migrate."""
+    another program's SQLite file, which opening would migrate. A PostgreSQL URL is checked
+    by opening it (a database holding other tables is refused then)."""
+    if is_url(path):
+        return
     db = anyio.Path(path)
     if await db.is_dir():
         raise InvalidInputError(f"{path} is a folder, not a database")
@@ -325,13 +329,47 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise InvalidInputError("the query is empty")
 
 
+async def _migrate_store(args: argparse.Namespace) -> int:
+    """Copy every session of `--from` into the empty `--to`, then compare the counts."""
+    from ._embedder import SentenceTransformerEmbedder
+    from ._opening import open_store
+    from ._store_copy import SettableClock, copy_store
+
+    config = _config(args)
+    await _check_db(args.source, create=False)
+    await _check_db(args.to, create=True)
+    # the embedding model both stores must hold vectors of (read, not loaded)
+    embedder = SentenceTransformerEmbedder(config.embedding_model)
+    name, dims = embedder.model_name, embedder.dimensions
+    source = await open_store(args.source, name, dims, config, time.time)
+    try:
+        clock = SettableClock()
+        target = await open_store(args.to, name, dims, config, clock)
+        try:
+            counts = await copy_store(source, target, clock)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+    figures = ", ".join(f"{n} {table}" for table, n in counts.items())
+    print(f"copied {figures}; the counts match the source's")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tiermem", description="Tiered conversational memory in one SQLite file.")
+    parser = _Parser(
+        prog="tiermem",
+        description="Tiered conversational memory in one SQLite file, or in PostgreSQL.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str, *, session: bool = False, json_: bool = False) -> Any:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--db", default="tiermem.db", help="SQLite file (default: tiermem.db)")
+        p.add_argument(
+            "--db",
+            help="SQLite file or postgresql:// URL (default: TIERMEM_DATABASE_URL, else "
+            "tiermem.db)",
+        )
         p.add_argument("--config", help="TOML config file (TIERMEM_* variables override it)")
         if session:
             p.add_argument("session", help="session id")
@@ -371,6 +409,14 @@ def _parser() -> argparse.ArgumentParser:
     add("delete-session", "Delete a session and everything derived from it.", session=True)
     export = add("export-session", "Write a session as JSON.", session=True)
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    copy = sub.add_parser(
+        "migrate-store",
+        help="Copy a whole database into another store (an empty one), such as a SQLite "
+        "file into PostgreSQL, and check the counts.",
+    )
+    copy.add_argument("--from", dest="source", required=True, help="SQLite file or URL")
+    copy.add_argument("--to", required=True, help="postgresql:// URL or SQLite file")
+    copy.add_argument("--config", help="TOML config file (TIERMEM_* variables override it)")
     return parser
 
 
@@ -384,6 +430,7 @@ HANDLERS: dict[str, Any] = {
     "maintain": _maintain,
     "delete-session": _delete,
     "export-session": _export,
+    "migrate-store": _migrate_store,
 }
 
 
@@ -420,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args = _parser().parse_args(argv)
+        if "db" in args and args.db is None:
+            args.db = _config(args).database_url or "tiermem.db"
         _check_arguments(args)
         status = int(anyio.run(HANDLERS[args.command], args))
         if sys.stdout is not None:  # a reader that left (`| head`) is noticed here, not at exit

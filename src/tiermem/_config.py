@@ -24,6 +24,11 @@ log = logging.getLogger("tiermem")
 ENV_PREFIX = "TIERMEM_"
 
 
+def is_url(target: object) -> bool:
+    """Whether `target` names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
 class _Model(BaseModel):
     """Frozen, strict about unknown keys, and failing with `ConfigError`."""
 

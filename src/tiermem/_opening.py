@@ -151,26 +151,7 @@ async def open_parts(
     if tokenizer is None and vocab is None:
         log.warning("no tokenizer: tokens are estimated at four bytes each")
     context = config.context_window_tokens or (vocab.context_length() if vocab else None)
-    store: Store
-    if is_url(path):
-        store = await PostgresStore.open(
-            str(path),
-            embedder.model_name,
-            embedder.dimensions,
-            pool_size=config.database_pool_size,
-            read_only=config.read_only,
-            clock=clock,
-        )
-    else:
-        store = await SQLiteStore.open(
-            path,
-            embedder.model_name,
-            embedder.dimensions,
-            config.busy_timeout_ms,
-            read_only=config.read_only,
-            check=config.check_on_open,
-            clock=clock,
-        )
+    store = await open_store(path, embedder.model_name, embedder.dimensions, config, clock)
     parts = Parts(store, config, embedder, summarizer, tokens, shape, context, pool, stoppers)
     if vocab is not None:
         parts.closers.append(vocab.close)
@@ -179,3 +160,32 @@ async def open_parts(
     elif str(path) != ":memory:" and not str(path).startswith("file:") and not is_url(path):
         parts.kv_state_dir = Path(f"{path}.kvstates")
     return parts
+
+
+async def open_store(
+    path: str | Path,
+    embedding_model: str,
+    dimensions: int,
+    config: KVCacheConfig,
+    clock: Callable[[], float],
+) -> Store:
+    """The store at `path`: a PostgreSQL database for a `postgresql://` URL, else a SQLite
+    file."""
+    if is_url(path):
+        return await PostgresStore.open(
+            str(path),
+            embedding_model,
+            dimensions,
+            pool_size=config.database_pool_size,
+            read_only=config.read_only,
+            clock=clock,
+        )
+    return await SQLiteStore.open(
+        path,
+        embedding_model,
+        dimensions,
+        config.busy_timeout_ms,
+        read_only=config.read_only,
+        check=config.check_on_open,
+        clock=clock,
+    )

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from .._config import is_url as is_url
 from .._errors import StorageError
 
 try:  # the `postgres` extra
@@ -31,11 +32,6 @@ log = logging.getLogger("tiermem._store")
 
 # how long a call waits for a session another replica holds before working optimistically
 HOLD_WAIT_SECONDS = 30.0
-
-
-def is_url(target: object) -> bool:
-    """Whether `target` names a PostgreSQL database rather than a SQLite file."""
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
 def redacted(url: str) -> str:

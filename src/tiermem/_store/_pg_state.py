@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ._pg_base import PostgresDatabase
+from ._pg_base import PostgresDatabase, escape, unescape
 from ._protocol import StaleSession
 from ._rows import (
     SessionRow,
@@ -99,7 +99,9 @@ class PostgresSessionQueries(PostgresDatabase):
     async def list_sessions(self) -> list[SessionRow]:
         rows = await self._read_all(
             "SELECT s.namespace, s.session_id, COALESCE(st.message_count, 0), "
-            "(SELECT COALESCE(SUM(octet_length(m.content)), 0) FROM messages m "
+            "(SELECT COALESCE(SUM(CASE WHEN m.escaped THEN octet_length(regexp_replace("
+            "m.content, '\\\\(.)', '\\1', 'g')) ELSE octet_length(m.content) END), 0) "
+            "FROM messages m "
             "WHERE m.session_key = s.id), s.last_activity "
             "FROM sessions s LEFT JOIN session_state st ON st.session_key = s.id "
             "ORDER BY s.last_activity DESC, s.id DESC"
@@ -174,35 +176,39 @@ class PostgresSessionQueries(PostgresDatabase):
 
     async def summary(self, key: int) -> SummaryRow | None:
         row = await self._read_one(
-            "SELECT text, token_count, message_count, clear_count, covered_through, updated_at "
-            "FROM session_summaries WHERE session_key = $1",
+            "SELECT text, token_count, message_count, clear_count, covered_through, updated_at,"
+            " escaped FROM session_summaries WHERE session_key = $1",
             key,
         )
         if row is None:
             return None
-        return SummaryRow(row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
+        text = unescape(row[0], row[6])
+        return SummaryRow(text, int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
 
     async def save_summary(self, key: int, summary: SummaryRow) -> bool:
+        text, escaped = escape(summary.text)
         async with self._transaction() as conn:
             # the session row locked: a delete waits, or went first and nothing is written
             if await conn.fetchval("SELECT 1 FROM sessions WHERE id = $1 FOR SHARE", key) is None:
                 return False
             status = await conn.execute(
-                "INSERT INTO session_summaries AS old (session_key, text, token_count,"
+                "INSERT INTO session_summaries AS old (session_key, text, escaped, token_count,"
                 " message_count, clear_count, covered_through, updated_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " VALUES ($1, $2, $8, $3, $4, $5, $6, $7)"
                 " ON CONFLICT (session_key) DO UPDATE SET text = excluded.text,"
+                " escaped = excluded.escaped,"
                 " token_count = excluded.token_count, message_count = excluded.message_count,"
                 " clear_count = excluded.clear_count, covered_through = excluded.covered_through,"
                 " updated_at = excluded.updated_at"
                 " WHERE excluded.covered_through > old.covered_through",
                 key,
-                summary.text,
+                text,
                 summary.token_count,
                 summary.message_count,
                 summary.clear_count,
                 summary.covered_through,
                 summary.updated_at,
+                escaped,
             )
         return bool(status != "INSERT 0 0")
 
@@ -246,11 +252,11 @@ class PostgresSessionQueries(PostgresDatabase):
 
     async def snapshots(self, key: int) -> list[SnapshotRow]:
         rows = await self._read_all(
-            "SELECT id, reason, entry_count, size_bytes, created_at FROM kv_snapshots "
+            "SELECT id, reason, entry_count, size_bytes, created_at, strategy FROM kv_snapshots "
             "WHERE session_key = $1 ORDER BY id DESC",
             key,
         )
-        return [SnapshotRow(int(r[0]), r[1], int(r[2]), int(r[3]), float(r[4])) for r in rows]
+        return [SnapshotRow(int(r[0]), r[1], int(r[2]), int(r[3]), float(r[4]), r[5]) for r in rows]
 
     async def snapshot_entries(self, key: int, snapshot_id: int) -> SnapshotContents | None:
         owner = await self._read_one(

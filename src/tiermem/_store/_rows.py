@@ -103,13 +103,15 @@ class SnapshotEntryRow:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRow:
-    """A snapshot as listed: when it was taken, why, and how much it holds."""
+    """A snapshot as listed: when it was taken, why, how much it holds, and the strategy
+    that took it."""
 
     id: int
     reason: str
     entry_count: int
     size_bytes: int
     created_at: float
+    strategy: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,11 +51,11 @@ class SnapshotQueries(Database):
     async def snapshots(self, key: int) -> list[SnapshotRow]:
         """The session's snapshots, newest first."""
         rows = await self._read_all(
-            "SELECT id, reason, entry_count, size_bytes, created_at FROM kv_snapshots "
+            "SELECT id, reason, entry_count, size_bytes, created_at, strategy FROM kv_snapshots "
             "WHERE session_key = ? ORDER BY id DESC",
             (key,),
         )
-        return [SnapshotRow(int(r[0]), r[1], int(r[2]), int(r[3]), float(r[4])) for r in rows]
+        return [SnapshotRow(int(r[0]), r[1], int(r[2]), int(r[3]), float(r[4]), r[5]) for r in rows]
 
     async def snapshot_entries(self, key: int, snapshot_id: int) -> SnapshotContents | None:
         """When one of the session's snapshots was taken, and its entries; None if the

@@ -96,7 +96,7 @@ class SessionQueries(Database):
             "(SELECT COALESCE(SUM(length(CAST(m.content AS BLOB))), 0) FROM messages m "
             "WHERE m.session_key = s.id), s.last_activity "
             "FROM sessions s LEFT JOIN session_state st ON st.session_key = s.id "
-            "ORDER BY s.last_activity DESC"
+            "ORDER BY s.last_activity DESC, s.id DESC"
         )
         return [SessionRow(r[0], r[1], int(r[2]), int(r[3]), float(r[4])) for r in rows]
 
