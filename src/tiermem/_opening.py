@@ -54,6 +54,8 @@ FIXED_AT_OPEN = (
     "read_only",
     "check_on_open",
     "kv_state_dir",
+    "database_url",
+    "database_pool_size",
 )
 
 

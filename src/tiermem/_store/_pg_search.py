@@ -271,8 +271,8 @@ class PostgresSearchQueries(PostgresSessionQueries):
             " FROM unnest($2::text[]) t),"
             " wanted AS (SELECT DISTINCT u.lexeme FROM unnest($2::text[]) t,"
             " unnest(to_tsvector('tiermem', t)) u),"
-            " found AS MATERIALIZED (SELECT m.id, m.lexemes, m.lexical_length FROM messages m,"
-            " query WHERE m.session_key = $1 AND m.lexemes @@ query.q),"
+            " found AS MATERIALIZED (SELECT m.id, m.lexemes, m.lexical_length FROM messages m"
+            " WHERE m.session_key = $1 AND m.lexemes @@ (SELECT q FROM query)),"
             " tf AS (SELECT f.id, f.lexical_length, u.lexeme,"
             " coalesce(array_length(u.positions, 1), 1) AS n FROM found f,"
             " unnest(f.lexemes) u WHERE u.lexeme IN (SELECT lexeme FROM wanted)),"
@@ -295,10 +295,11 @@ class PostgresSearchQueries(PostgresSessionQueries):
         those are (a term that is no word, or only syntax, is in none)."""
         row = await self._read_one(
             "WITH latest AS MATERIALIZED (SELECT lexemes FROM messages WHERE session_key = $1"
-            " ORDER BY position DESC LIMIT $2)"
+            " ORDER BY position DESC LIMIT $2),"
+            " queries AS MATERIALIZED (SELECT t.n, plainto_tsquery('tiermem', t.term) AS q"
+            " FROM unnest($3::text[]) WITH ORDINALITY AS t(term, n))"
             " SELECT (SELECT count(*) FROM latest), ARRAY(SELECT (SELECT count(*) FROM latest"
-            " WHERE lexemes @@ plainto_tsquery('tiermem', t.term)) FROM unnest($3::text[])"
-            " WITH ORDINALITY AS t(term, n) ORDER BY t.n)",
+            " WHERE lexemes @@ queries.q) FROM queries ORDER BY queries.n)",
             key,
             latest,
             [folded(t) for t in terms],
@@ -331,9 +332,13 @@ class PostgresSearchQueries(PostgresSessionQueries):
                 await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
                 rows = await conn.fetch(with_index, key, query, wanted)
         if len(rows) < min(k, session_vectors):
-            # exact: `+ 0` keeps the planner off the index (it would filter it)
+            # exact, through the session's rows: the uncast column is not the index's
             rows = await self._read_all(
-                f"{nearest} ORDER BY ({distance}) + 0 LIMIT $3", key, query, k
+                "SELECT message_rowid, embedding <=> $2 AS d FROM message_embeddings"
+                " WHERE session_key = $1 ORDER BY d LIMIT $3",
+                key,
+                query,
+                k,
             )
         return [SearchHit(int(r[0]), float(r[1])) for r in rows[:k]]
 
