@@ -19,10 +19,12 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import numpy as np
 import pytest
 
 import tiermem
+from tests import pg
 from tests.conftest import Clock
 from tiermem import (
     EmbeddingMismatchError,
@@ -408,6 +410,135 @@ async def test_ids_of_deleted_rows_are_never_handed_out_again(backend: Backend) 
         assert await store.create_session("ns", "third") > again
     finally:
         await store.close()
+
+
+# -- PostgreSQL: opening, migrations, its search paths -----------------------------------
+
+
+async def test_a_blank_postgres_database_is_migrated_once_and_checked(postgres_url: str) -> None:
+    await (await PostgresStore.open(postgres_url, "model-a", DIMS)).close()
+    store = await PostgresStore.open(postgres_url, "model-a", DIMS)  # applies nothing again
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+        meta = dict(await conn.fetch("SELECT key, value FROM meta"))
+        indexes = {r[0] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
+    finally:
+        await conn.close()
+    assert versions == [m.version for m in migrate.available("postgres")]
+    assert meta == {"embedding_model": "model-a", "embedding_dims": str(DIMS)}
+    assert f"message_embeddings_hnsw_{DIMS}" in indexes and "messages_lexemes" in indexes
+    for model, dims in (("model-b", DIMS), ("model-a", 16)):
+        with pytest.raises(EmbeddingMismatchError, match="model-a"):
+            await PostgresStore.open(postgres_url, model, dims)
+
+
+async def test_a_postgres_database_of_another_program_or_a_newer_tiermem_is_refused(
+    postgres_server: str,
+) -> None:
+    for setup, message in (
+        ("CREATE TABLE invoices (id int)", "not a tiermem database"),
+        (
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at double precision NOT NULL);"
+            " INSERT INTO schema_migrations VALUES (9999, 'from_the_future', 0)",
+            "newer than this tiermem knows",
+        ),
+    ):
+        url = await pg.fresh_database(postgres_server)
+        try:
+            conn = await asyncpg.connect(url)
+            await conn.execute(setup)
+            await conn.close()
+            with pytest.raises(StorageError, match=message):
+                await PostgresStore.open(url, "m", DIMS)
+        finally:
+            await pg.drop_database(postgres_server, url)
+
+
+async def test_an_unreachable_postgres_server_is_a_storage_error_without_its_password(
+    tmp_path: Path,
+) -> None:
+    url = f"postgresql://me:secret@/db?host={tmp_path}&connect_timeout=2"
+    with pytest.raises(StorageError, match="cannot open database") as caught:
+        await PostgresStore.open(url, "m", DIMS)
+    assert "secret" not in str(caught.value)
+
+
+async def test_text_with_nul_and_backslashes_comes_back_exactly(postgres_url: str) -> None:
+    store = await PostgresStore.open(postgres_url, "m", DIMS)
+    try:
+        key = await store.create_session("ns", "s")
+        texts = ["a\x00b \\0 \0", "nul\x00here and\x00\x00twice\\", "plain"]
+        rows = [
+            NewMessage(i, f"m{i}", "user", t, f"h{i}", None, 0.0, 1) for i, t in enumerate(texts)
+        ]
+        state = await store.load_state(key)
+        rowids = await store.append_messages(key, rows, None, state)
+        assert [m.content for m in await store.messages_between(key, -1)] == texts
+        assert [m.content for m in await store.messages_by_rowid(rowids)] == texts
+        assert (await store.latest_openings(key, 3, 4))[1] == ("user", texts[1][:4])
+        assert [h.rowid for h in await store.lexical_search(["here"], key, 5)] == rowids[1:2]
+        await store.save_summary(key, tiermem.SummaryRow("s\x00um\\", 1, 3, 1, 2, 0.0))
+        summary = await store.summary(key)
+        assert summary is not None and summary.text == "s\x00um\\"
+        [listed] = await store.list_sessions()
+        assert listed.text_bytes == sum(len(t.encode()) for t in texts)
+    finally:
+        await store.close()
+
+
+async def test_a_big_session_is_searched_through_the_hnsw_index(postgres_url: str) -> None:
+    """Past `exact_vectors` a session goes through the index (filtered by session, widened
+    by the session's share of the table): the same nearest messages as an exact pass."""
+    rng = np.random.default_rng(3)
+    store = await PostgresStore.open(postgres_url, "m", DIMS)
+    try:
+        store.exact_vectors = 50
+        key = await store.create_session("ns", "big")
+        vectors = rng.standard_normal((400, DIMS)).astype(np.float32)
+        rowids = await add(store, key, [f"text {i}" for i in range(400)], vectors)
+        for n in range(3):  # most of the table is other sessions'
+            other = await store.create_session("ns", f"other-{n}")
+            await add(store, other, ["x"] * 800, rng.standard_normal((800, DIMS)))
+        conn = await asyncpg.connect(postgres_url)
+        await conn.execute("ANALYZE message_embeddings")
+        await conn.close()
+        for query in rng.standard_normal((5, DIMS)).astype(np.float32):
+            exact = exact_distances(vectors, query)
+            nearest = await store.vector_search(query, key, 5)
+            assert [hit.rowid for hit in nearest] == [rowids[i] for i in np.argsort(exact)[:5]]
+            assert [h.score for h in nearest] == pytest.approx(sorted(exact)[:5], abs=1e-5)
+    finally:
+        await store.close()
+
+
+async def test_bm25_ranks_a_session_alike_on_both_stores(db_path: Path, postgres_url: str) -> None:
+    texts = [
+        "the garden hose leaks near the garden gate",
+        "we planted tomatoes in the garden",
+        "my sister visits in spring",
+        "garden",
+        "tomatoes and basil from the market, with a long story about the weather and traffic",
+        "the hose is green",
+    ]
+    orders = []
+    for opened in (
+        SQLiteStore.open(db_path, "m", DIMS),
+        PostgresStore.open(postgres_url, "m", DIMS),
+    ):
+        store = await opened
+        try:
+            key = await store.create_session("ns", "s")
+            rowids = await add(store, key, texts)
+            for terms in (["garden", "hose"], ["tomatoes"], ["gardens", "basil"]):
+                hits = await store.lexical_search(terms, key, 10)
+                orders.append([rowids.index(h.rowid) for h in hits])
+        finally:
+            await store.close()
+    assert orders[:3] == orders[3:]
+    assert orders[1] == [1, 4]  # the shorter message first
 
 
 # -- SQLite: opening, migrations, old files, size ----------------------------------------

@@ -75,6 +75,9 @@ def _terms(terms: Sequence[str]) -> list[str]:
 
 
 class PostgresSearchQueries(PostgresSessionQueries):
+    # a session with more vectors than this is searched through the HNSW index
+    exact_vectors = EXACT_VECTORS
+
     # -- messages --------------------------------------------------------------------------
 
     async def existing_ids(self, key: int, message_ids: Sequence[str]) -> dict[str, str]:
@@ -221,7 +224,9 @@ class PostgresSearchQueries(PostgresSessionQueries):
 
     async def latest_openings(self, key: int, count: int, chars: int) -> list[tuple[str, str]]:
         rows = await self._read_all(
-            "SELECT role, substr(content, 1, $1), escaped FROM messages WHERE session_key = $2 "
+            # an escaped text takes at most two characters for one of the original
+            "SELECT role, substr(content, 1, CASE WHEN escaped THEN 2 * $1 ELSE $1 END),"
+            " escaped FROM messages WHERE session_key = $2 "
             "ORDER BY position DESC LIMIT $3",
             chars,
             key,
@@ -262,17 +267,23 @@ class PostgresSearchQueries(PostgresSessionQueries):
 
     async def lexical_search(self, terms: Sequence[str], key: int, limit: int) -> list[SearchHit]:
         """The session's best `limit` matches for any of `terms` by bm25 (higher is better),
-        each term a plain text (`plainto_tsquery`: nothing in it is syntax)."""
+        each term a plain text (`plainto_tsquery`: nothing in it is syntax). The query is
+        made first, so the planner sees it (and chooses between the full-text index and the
+        session's rows by how rare its words are)."""
         searched = _terms(terms)
         if not searched:
             return []
+        row = await self._read_one(
+            "SELECT tiermem_any(plainto_tsquery('tiermem', t))::text FROM unnest($1::text[]) t",
+            searched,
+        )
+        if not row or not row[0]:  # no word in any term
+            return []
         rows = await self._read_all(
-            "WITH query AS (SELECT tiermem_any(plainto_tsquery('tiermem', t)) AS q"
-            " FROM unnest($2::text[]) t),"
-            " wanted AS (SELECT DISTINCT u.lexeme FROM unnest($2::text[]) t,"
+            "WITH wanted AS (SELECT DISTINCT u.lexeme FROM unnest($2::text[]) t,"
             " unnest(to_tsvector('tiermem', t)) u),"
             " found AS MATERIALIZED (SELECT m.id, m.lexemes, m.lexical_length FROM messages m"
-            " WHERE m.session_key = $1 AND m.lexemes @@ (SELECT q FROM query)),"
+            " WHERE m.session_key = $1 AND m.lexemes @@ $4::tsquery),"
             " tf AS (SELECT f.id, f.lexical_length, u.lexeme,"
             " coalesce(array_length(u.positions, 1), 1) AS n FROM found f,"
             " unnest(f.lexemes) u WHERE u.lexeme IN (SELECT lexeme FROM wanted)),"
@@ -287,6 +298,7 @@ class PostgresSearchQueries(PostgresSessionQueries):
             key,
             searched,
             limit,
+            row[0],
         )
         return [SearchHit(int(r[0]), float(r[1])) for r in rows]
 
@@ -322,7 +334,7 @@ class PostgresSearchQueries(PostgresSessionQueries):
             return []
         session_vectors, table_vectors = int(held[0]), float(held[1])
         rows: list[Any] = []
-        if session_vectors > EXACT_VECTORS:
+        if session_vectors > self.exact_vectors:
             # the index is filtered after its search: wide enough to keep `wanted` of the
             # session's among the table's
             share = session_vectors / max(table_vectors, session_vectors)
