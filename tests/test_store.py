@@ -515,8 +515,10 @@ async def test_a_big_session_is_searched_through_the_hnsw_index(postgres_url: st
 
 
 async def test_bm25_ranks_a_session_alike_on_both_stores(db_path: Path, postgres_url: str) -> None:
+    """Where no message repeats a word (PostgreSQL's bm25 counts a term's presence, FTS5
+    its occurrences): the same order."""
     texts = [
-        "the garden hose leaks near the garden gate",
+        "the garden hose leaks near the old gate",
         "we planted tomatoes in the garden",
         "my sister visits in spring",
         "garden",

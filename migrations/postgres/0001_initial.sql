@@ -72,17 +72,20 @@ ALTER TEXT SEARCH CONFIGURATION tiermem
 -- any of several tsqueries: the lexical search's query is one per term
 CREATE AGGREGATE tiermem_any (tsquery) (SFUNC = tsquery_or, STYPE = tsquery);
 
--- Each message's vector. The HNSW index is on the vector cast to the model's dimension
--- (one index per dimension, pgvector's way); a search filters it by session, and small
--- sessions are ranked exactly through `session_key` (see _pg_search.py).
+-- Each message's vector. A session's first 20,000 are ranked exactly through the session
+-- (`message_embeddings_exact`); those past them (`indexed`) go into the HNSW index, on the
+-- vectors cast to the model's dimension (one index per dimension, pgvector's way), which
+-- a search filters by session (see _pg_search.py). Small sessions cost the index nothing.
 CREATE TABLE message_embeddings (
     message_rowid bigint PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
     session_key   bigint NOT NULL,
-    embedding     vector NOT NULL
+    embedding     vector NOT NULL,
+    indexed       boolean NOT NULL DEFAULT false
 );
-CREATE INDEX message_embeddings_by_session ON message_embeddings (session_key);
+CREATE INDEX message_embeddings_exact ON message_embeddings (session_key) WHERE NOT indexed;
+CREATE INDEX message_embeddings_indexed ON message_embeddings (session_key) WHERE indexed;
 CREATE INDEX message_embeddings_hnsw_{dimensions} ON message_embeddings
-    USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops);
+    USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops) WHERE indexed;
 
 CREATE TABLE kv_snapshots (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

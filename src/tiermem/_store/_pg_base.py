@@ -172,10 +172,14 @@ class PostgresDatabase:
                 try:
                     if self._locker is None:
                         self._locker = await self._pool.acquire()
-                    if await self._locker.fetchval(
-                        "SELECT pg_try_advisory_lock(hashtextextended($1 || chr(1) || $2, 0))",
-                        *key,
-                    ):
+                    # shielded: a lock taken by a call cancelled on its way back would be
+                    # held, unknown, until the connection closes
+                    with anyio.CancelScope(shield=True):
+                        taken = await self._locker.fetchval(
+                            "SELECT pg_try_advisory_lock(hashtextextended($1 || chr(1) || $2, 0))",
+                            *key,
+                        )
+                    if taken:
                         return True
                 except Exception as exc:  # the lock is an optimisation: go on without
                     log.warning("%s: session lock not taken (%s)", self.path, exc)

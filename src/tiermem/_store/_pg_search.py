@@ -4,12 +4,15 @@ no stop words, accents folded here first, as FTS5's `porter unicode61 remove_dia
 and `message_embeddings` (pgvector; an HNSW index on the vectors cast to the model's
 dimension).
 
-Lexical search scores bm25 as FTS5 does (k1 1.2, b 0.75, the same idf), over the session's
-own messages only, so scores mean the same on both stores. Vector search ranks a session's
-vectors exactly when it holds few of them (its `session_key` index, then a sort), and
-through the HNSW index when it holds many, the index searched wide enough that its filter
-by session still leaves `KNN_OVERSAMPLE` x k candidates, ranked by exact distance (and
-exactly, through the session, if the filter left too few).
+Lexical search scores bm25 with FTS5's constants (k1 1.2, b 0.75) and idf, over the
+session's own messages only, so scores mean to the retrieval what they mean on SQLite; a
+term counts once in a message (its presence; FTS5 counts each occurrence: extracting them
+from the `tsvector`s made a search at 100k messages three times slower). Vector search
+ranks a session's first `EXACT_VECTORS` exactly (a sort of its own rows: small sessions
+never touch the index, nor pay for it when written) and the rest through the HNSW index,
+searched wide enough that its filter by session still leaves `KNN_OVERSAMPLE` x k
+candidates, ranked by exact distance (exactly through the session, if the filter left too
+few); the two lists merged.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from ._vectors import KNN_OVERSAMPLE, cosine_distances
 MESSAGE_COLUMNS = (
     "id, position, message_id, role, content, created_at, token_count, metadata, escaped"
 )
-# a session with at most this many vectors is ranked exactly (a sort of its own vectors,
-# ~10 ms at this size); a larger one goes through the HNSW index
+# a session's first vectors, ranked exactly (a sort of its own, ~10 ms at this many); its
+# later ones go into the HNSW index
 EXACT_VECTORS = 20_000
 # the HNSW candidate list (`hnsw.ef_search`) is at least pgvector's default, at most this
 MAX_EF_SEARCH = 1000
@@ -61,12 +64,13 @@ def folded(value: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
-def index_texts(contents: Sequence[str]) -> list[tuple[str, int]]:
-    """Each text's folded opening and its word count (bm25's document length)."""
+def prepare(contents: Sequence[str]) -> list[tuple[str, bool, str, int]]:
+    """Each text as stored (escaped if it holds NUL, and whether it is), its folded
+    opening for the full-text index, and that opening's word count (bm25's length)."""
     out = []
     for content in contents:
         fold = folded(content)
-        out.append((fold, len(text.words(fold))))
+        out.append((*escape(content), fold, len(text.words(fold))))
     return out
 
 
@@ -75,7 +79,7 @@ def _terms(terms: Sequence[str]) -> list[str]:
 
 
 class PostgresSearchQueries(PostgresSessionQueries):
-    # a session with more vectors than this is searched through the HNSW index
+    # a session's vectors past this many go into the HNSW index
     exact_vectors = EXACT_VECTORS
 
     # -- messages --------------------------------------------------------------------------
@@ -124,10 +128,9 @@ class PostgresSearchQueries(PostgresSessionQueries):
         figures): one transaction."""
         contents = [m.content for m in messages]
         if sum(len(c) for c in contents) > INLINE_TEXT_CHARS:
-            indexed = await anyio.to_thread.run_sync(index_texts, contents)
+            prepared = await anyio.to_thread.run_sync(prepare, contents)
         else:
-            indexed = index_texts(contents)
-        stored = [escape(c) for c in contents]
+            prepared = prepare(contents)
         async with self._transaction() as conn:
             await claim(conn, key, state.version)
             rows = await conn.fetch(
@@ -146,22 +149,29 @@ class PostgresSearchQueries(PostgresSessionQueries):
                 [m.position for m in messages],
                 [m.message_id for m in messages],
                 [m.role for m in messages],
-                [s[0] for s in stored],
-                [s[1] for s in stored],
+                [p[0] for p in prepared],
+                [p[1] for p in prepared],
                 [m.content_hash for m in messages],
                 [m.metadata for m in messages],
                 [m.created_at for m in messages],
                 [m.token_count for m in messages],
-                [i[0] for i in indexed],
-                [i[1] for i in indexed],
+                [p[2] for p in prepared],
+                [p[3] for p in prepared],
             )
             ids = {int(r[1]): int(r[0]) for r in rows}
             rowids = [ids[m.position] for m in messages]
             if vectors is not None:
+                # past the session's first `exact_vectors`, into the HNSW index
+                held = await conn.fetchval(
+                    "SELECT indexed_vectors FROM session_state WHERE session_key = $1", key
+                )
                 await conn.executemany(
-                    "INSERT INTO message_embeddings(message_rowid, session_key, embedding)"
-                    " VALUES ($1, $2, $3)",
-                    [(rowid, key, vectors[i]) for i, rowid in enumerate(rowids)],
+                    "INSERT INTO message_embeddings(message_rowid, session_key, embedding,"
+                    " indexed) VALUES ($1, $2, $3, $4)",
+                    [
+                        (rowid, key, vectors[i], held + i >= self.exact_vectors)
+                        for i, rowid in enumerate(rowids)
+                    ],
                 )
             await conn.execute(
                 "UPDATE session_state SET indexed_messages = indexed_messages + $2,"
@@ -169,7 +179,7 @@ class PostgresSearchQueries(PostgresSessionQueries):
                 " WHERE session_key = $1",
                 key,
                 len(messages),
-                sum(i[1] for i in indexed),
+                sum(p[3] for p in prepared),
                 0 if vectors is None else len(messages),
             )
             await write_state(conn, key, state, self._clock())
@@ -280,21 +290,20 @@ class PostgresSearchQueries(PostgresSessionQueries):
         if not row or not row[0]:  # no word in any term
             return []
         rows = await self._read_all(
-            "WITH wanted AS (SELECT DISTINCT u.lexeme FROM unnest($2::text[]) t,"
-            " unnest(to_tsvector('tiermem', t)) u),"
+            "WITH queries AS MATERIALIZED (SELECT t.n, plainto_tsquery('tiermem', t.term) AS q"
+            " FROM unnest($2::text[]) WITH ORDINALITY AS t(term, n)),"
             " found AS MATERIALIZED (SELECT m.id, m.lexemes, m.lexical_length FROM messages m"
             " WHERE m.session_key = $1 AND m.lexemes @@ $4::tsquery),"
-            " tf AS (SELECT f.id, f.lexical_length, u.lexeme,"
-            " coalesce(array_length(u.positions, 1), 1) AS n FROM found f,"
-            " unnest(f.lexemes) u WHERE u.lexeme IN (SELECT lexeme FROM wanted)),"
-            " df AS (SELECT lexeme, count(*) AS n FROM tf GROUP BY lexeme),"
+            " hits AS MATERIALIZED (SELECT f.id, f.lexical_length, q.n FROM found f"
+            " JOIN queries q ON f.lexemes @@ q.q),"
+            " df AS (SELECT n, count(*) AS d FROM hits GROUP BY n),"
             " stats AS (SELECT greatest(indexed_messages, 1)::float8 AS docs,"
             " greatest(indexed_length::float8 / greatest(indexed_messages, 1), 1) AS avgdl"
             " FROM session_state WHERE session_key = $1)"
-            " SELECT tf.id, sum(greatest(ln((s.docs - df.n + 0.5) / (df.n + 0.5)), 1e-6)"
-            " * tf.n * 2.2 / (tf.n + 1.2 * (0.25 + 0.75 * tf.lexical_length / s.avgdl)))"
-            " AS score FROM tf JOIN df USING (lexeme) CROSS JOIN stats s"
-            " GROUP BY tf.id ORDER BY score DESC, tf.id LIMIT $3",
+            " SELECT h.id, sum(greatest(ln((s.docs - df.d + 0.5) / (df.d + 0.5)), 1e-6)"
+            " * 2.2 / (1 + 1.2 * (0.25 + 0.75 * h.lexical_length / s.avgdl)))"
+            " AS score FROM hits h JOIN df USING (n) CROSS JOIN stats s"
+            " GROUP BY h.id ORDER BY score DESC, h.id LIMIT $3",
             key,
             searched,
             limit,
@@ -319,40 +328,52 @@ class PostgresSearchQueries(PostgresSessionQueries):
         return TermCounts(int(row[0]), [int(n) for n in row[1]])
 
     async def vector_search(self, query: np.ndarray[Any, Any], key: int, k: int) -> list[SearchHit]:
-        """The session's k nearest messages by cosine distance, nearest first."""
-        wanted = KNN_OVERSAMPLE * k
-        dims = self.dimensions
-        distance = f"(embedding::vector({dims})) <=> $2::vector({dims})"
-        nearest = f"SELECT message_rowid, {distance} FROM message_embeddings WHERE session_key = $1"
+        """The session's k nearest messages by cosine distance, nearest first: its first
+        `exact_vectors` ranked exactly, the rest through the HNSW index, merged."""
         held = await self._read_one(
-            "SELECT indexed_vectors, (SELECT reltuples FROM pg_class"
-            " WHERE oid = 'message_embeddings'::regclass) FROM session_state"
-            " WHERE session_key = $1",
+            "SELECT indexed_vectors, (SELECT reltuples FROM pg_class WHERE relname = $2)"
+            " FROM session_state WHERE session_key = $1",
             key,
+            f"message_embeddings_hnsw_{self.dimensions}",
         )
         if held is None:
             return []
-        session_vectors, table_vectors = int(held[0]), float(held[1])
-        rows: list[Any] = []
-        if session_vectors > self.exact_vectors:
-            # the index is filtered after its search: wide enough to keep `wanted` of the
-            # session's among the table's
-            share = session_vectors / max(table_vectors, session_vectors)
-            ef = int(min(MAX_EF_SEARCH, max(40, wanted / share)))
-            with_index = f"{nearest} ORDER BY {distance} LIMIT $3"
-            async with self._transaction() as conn:
-                await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
-                rows = await conn.fetch(with_index, key, query, wanted)
-        if len(rows) < min(k, session_vectors):
-            # exact, through the session's rows: the uncast column is not the index's
-            rows = await self._read_all(
-                "SELECT message_rowid, embedding <=> $2 AS d FROM message_embeddings"
-                " WHERE session_key = $1 ORDER BY d LIMIT $3",
-                key,
-                query,
-                k,
-            )
+        in_index = int(held[0]) - self.exact_vectors
+        exact = (
+            "SELECT message_rowid, embedding <=> $2 AS d FROM message_embeddings"
+            " WHERE session_key = $1 AND {} indexed ORDER BY d LIMIT $3"
+        )
+        rows = await self._read_all(exact.format("NOT"), key, query, k)
+        if in_index > 0:
+            found = await self._indexed_nearest(query, key, k, in_index, float(held[1]))
+            if len(found) < min(k, in_index):  # the filter by session left too few
+                found = await self._read_all(exact.format(""), key, query, k)
+            rows = sorted([*rows, *found], key=lambda r: float(r[1]))
         return [SearchHit(int(r[0]), float(r[1])) for r in rows[:k]]
+
+    async def _indexed_nearest(
+        self, query: np.ndarray[Any, Any], key: int, k: int, in_index: int, table: float
+    ) -> list[Any]:
+        """The session's nearest vectors in the HNSW index: `KNN_OVERSAMPLE` x k of them,
+        by exact distance, the index searched wide enough (`hnsw.ef_search`) that its
+        filter by session keeps them among every session's."""
+        wanted = KNN_OVERSAMPLE * k
+        share = in_index / max(table, in_index)
+        dims = self.dimensions
+        distance = f"(embedding::vector({dims})) <=> $2::vector({dims})"
+        async with self._transaction() as conn:
+            await conn.execute(
+                f"SET LOCAL hnsw.ef_search = {int(min(MAX_EF_SEARCH, max(40, wanted / share)))}"
+            )
+            return list(
+                await conn.fetch(
+                    f"SELECT message_rowid, {distance} FROM message_embeddings"
+                    f" WHERE session_key = $1 AND indexed ORDER BY {distance} LIMIT $3",
+                    key,
+                    query,
+                    wanted,
+                )
+            )
 
     async def snapshot_vector_search(
         self, query: np.ndarray[Any, Any], key: int, k: int
