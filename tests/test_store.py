@@ -242,6 +242,25 @@ async def test_vector_search_ranks_exactly_within_the_session(store: Store) -> N
     np.testing.assert_array_equal(by_hash["hash of text 4"], vectors[4])
 
 
+async def test_words_inside_addresses_paths_and_dates_are_found(store: Store) -> None:
+    key = await store.create_session("ns", "s")
+    [rowid] = await add(
+        store, key, ["mail ana@example.com, see github.com/ana/notes.txt by 2024-05-01"]
+    )
+    for term in ("example", "github", "notes", "txt", "05", "2024"):
+        assert [h.rowid for h in await store.lexical_search([term], key, 5)] == [rowid], term
+    assert await store.term_counts(["github", "absent"], key, 10) == (1, [1, 0])
+
+
+async def test_a_zero_vector_is_at_distance_one(store: Store) -> None:
+    key = await store.create_session("ns", "s")
+    await add(store, key, ["a", "b"], np.array([[1.0] + [0.0] * (DIMS - 1), [0.0] * DIMS]))
+    hits = await store.vector_search(np.zeros(DIMS), key, 5)
+    assert [h.score for h in hits] == [1.0, 1.0]
+    hits = await store.vector_search(np.ones(DIMS), key, 5)
+    assert hits[1].score == 1.0
+
+
 async def test_a_clear_saves_its_snapshot_and_state_together(store: Store, clock: Clock) -> None:
     rng = np.random.default_rng(8)
     vectors = rng.standard_normal((6, DIMS)).astype(np.float32)
@@ -455,6 +474,29 @@ async def test_a_postgres_database_of_another_program_or_a_newer_tiermem_is_refu
                 await PostgresStore.open(url, "m", DIMS)
         finally:
             await pg.drop_database(postgres_server, url)
+
+
+async def test_a_read_only_postgres_store_reads_and_refuses_writes(
+    postgres_url: str, postgres_server: str
+) -> None:
+    blank = await pg.fresh_database(postgres_server)
+    try:
+        with pytest.raises(StorageError, match="needs migrating"):
+            await PostgresStore.open(blank, "m", DIMS, read_only=True)
+    finally:
+        await pg.drop_database(postgres_server, blank)
+    writer = await PostgresStore.open(postgres_url, "m", DIMS)
+    key = await writer.create_session("ns", "s")
+    await add(writer, key, ["kept words"])
+    await writer.close()
+    reader = await PostgresStore.open(postgres_url, "m", DIMS, read_only=True)
+    try:
+        assert [m.content for m in await reader.messages_between(key, -1)] == ["kept words"]
+        assert len(await reader.lexical_search(["kept"], key, 5)) == 1
+        with pytest.raises(StorageError, match="read-only"):
+            await reader.create_session("ns", "new")
+    finally:
+        await reader.close()
 
 
 async def test_an_unreachable_postgres_server_is_a_storage_error_without_its_password(

@@ -203,8 +203,9 @@ class MemoryLoop:
 
     async def delete(self, ident: Ident) -> bool:
         """Remove a session and all derived from it, its background summary cancelled and
-        awaited first, under the session's lock; False if it did not exist."""
-        async with self._memory.use(ident):
+        awaited first, under the session's lock (and its hold across processes); False if
+        it did not exist."""
+        async with self._memory.use(ident), self._store.hold(*ident):
             self._memory.sessions.remove(ident)
             try:
                 key = await self._memory.key(ident[1], ident[0])

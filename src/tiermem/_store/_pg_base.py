@@ -22,6 +22,7 @@ import numpy as np
 
 from .._config import is_url as is_url
 from .._errors import StorageError
+from ._protocol import StaleSession
 
 try:  # the `postgres` extra
     import asyncpg as asyncpg
@@ -55,8 +56,8 @@ def _decode_vector(data: bytes) -> np.ndarray[Any, Any]:
 
 async def init_connection(conn: Any) -> None:
     schema = await conn.fetchval(
-        "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-        "WHERE t.typname = 'vector'"
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+        " WHERE e.extname = 'vector'"
     )
     await conn.set_type_codec(
         "vector", schema=schema, encoder=_encode_vector, decoder=_decode_vector, format="binary"
@@ -73,6 +74,10 @@ def storage_errors(what: str) -> Iterator[None]:
     except (OSError, TimeoutError) as exc:
         raise StorageError(f"{what}: {exc}") from exc
     except Exception as exc:
+        # two replicas' transactions waited on each other; PostgreSQL ended this one, which
+        # wrote nothing: the caller reloads and tries again, as for a stale copy
+        if asyncpg is not None and isinstance(exc, asyncpg.DeadlockDetectedError):
+            raise StaleSession(f"{what}: {exc}") from exc
         if asyncpg is not None and isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError)):
             raise StorageError(f"{what}: {exc}") from exc
         raise
@@ -185,6 +190,11 @@ class PostgresDatabase:
                     log.warning("%s: session lock not taken (%s)", self.path, exc)
                     await self._drop_locker()
                     return False
+                except BaseException:
+                    # cancelled past the shield (a plain asyncio cancel): the lock may have
+                    # been taken; the connection goes, and its locks with it
+                    await self._drop_locker()
+                    raise
             if time.monotonic() > deadline:
                 return False
             await anyio.sleep(pause)
@@ -198,13 +208,16 @@ class PostgresDatabase:
                 await self._locker.fetchval(
                     "SELECT pg_advisory_unlock(hashtextextended($1 || chr(1) || $2, 0))", *key
                 )
-            except Exception as exc:
-                log.warning("%s: session lock not released (%s)", self.path, exc)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    log.warning("%s: session lock not released (%s)", self.path, exc)
                 await self._drop_locker()
+                if not isinstance(exc, Exception):
+                    raise
 
     async def _drop_locker(self) -> None:
         """A lock connection that failed is closed (its locks go with it)."""
         locker, self._locker = self._locker, None
         if locker is not None:
-            with contextlib.suppress(Exception):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self._pool.release(locker)

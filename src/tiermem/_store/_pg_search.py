@@ -17,6 +17,7 @@ few); the two lists merged.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -56,12 +57,13 @@ def _row(r: Any) -> MessageRow:
     )
 
 
-def folded(value: str) -> str:
-    """What the full-text index reads of a text: its opening, accents removed (NFKD without
-    combining marks), NUL as a space."""
-    head = text.head(value, text.HEAD_CHARS).replace("\x00", " ")
-    decomposed = unicodedata.normalize("NFKD", head)
-    return "".join(c for c in decomposed if not unicodedata.combining(c))
+def folded(value: str) -> list[str]:
+    """The words the full-text index reads of a text: those of its opening, accents removed
+    (NFKD without combining marks), split as everywhere in tiermem (`_text.words`: letters
+    and digits, so an address, a path or a date is its words, as FTS5's `unicode61` splits
+    them, where PostgreSQL's parser would keep them whole)."""
+    decomposed = unicodedata.normalize("NFKD", text.head(value, text.HEAD_CHARS))
+    return text.words("".join(c for c in decomposed if not unicodedata.combining(c)))
 
 
 def prepare(contents: Sequence[str]) -> list[tuple[str, bool, str, int]]:
@@ -69,13 +71,14 @@ def prepare(contents: Sequence[str]) -> list[tuple[str, bool, str, int]]:
     opening for the full-text index, and that opening's word count (bm25's length)."""
     out = []
     for content in contents:
-        fold = folded(content)
-        out.append((*escape(content), fold, len(text.words(fold))))
+        words = folded(content)
+        out.append((*escape(content), " ".join(words), len(words)))
     return out
 
 
 def _terms(terms: Sequence[str]) -> list[str]:
-    return [folded(t) for t in terms if t.strip()]
+    """Each term as the index reads text (a term with no word matches nothing)."""
+    return [" ".join(folded(t)) for t in terms if t.strip()]
 
 
 class PostgresSearchQueries(PostgresSessionQueries):
@@ -323,7 +326,7 @@ class PostgresSearchQueries(PostgresSessionQueries):
             " WHERE lexemes @@ queries.q) FROM queries ORDER BY queries.n)",
             key,
             latest,
-            [folded(t) for t in terms],
+            [" ".join(folded(t)) for t in terms],
         )
         return TermCounts(int(row[0]), [int(n) for n in row[1]])
 
@@ -331,8 +334,8 @@ class PostgresSearchQueries(PostgresSessionQueries):
         """The session's k nearest messages by cosine distance, nearest first: its first
         `exact_vectors` ranked exactly, the rest through the HNSW index, merged."""
         held = await self._read_one(
-            "SELECT indexed_vectors, (SELECT reltuples FROM pg_class WHERE relname = $2)"
-            " FROM session_state WHERE session_key = $1",
+            "SELECT indexed_vectors, coalesce((SELECT reltuples FROM pg_class"
+            " WHERE oid = to_regclass($2)), 0) FROM session_state WHERE session_key = $1",
             key,
             f"message_embeddings_hnsw_{self.dimensions}",
         )
@@ -348,8 +351,9 @@ class PostgresSearchQueries(PostgresSessionQueries):
             found = await self._indexed_nearest(query, key, k, in_index, float(held[1]))
             if len(found) < min(k, in_index):  # the filter by session left too few
                 found = await self._read_all(exact.format(""), key, query, k)
-            rows = sorted([*rows, *found], key=lambda r: float(r[1]))
-        return [SearchHit(int(r[0]), float(r[1])) for r in rows[:k]]
+            rows = sorted([*rows, *found], key=lambda r: _distance(r[1]))
+        # a zero vector's cosine distance is NaN in pgvector, 1 in `cosine_distances`
+        return [SearchHit(int(r[0]), _distance(r[1])) for r in rows[:k]]
 
     async def _indexed_nearest(
         self, query: np.ndarray[Any, Any], key: int, k: int, in_index: int, table: float
@@ -390,6 +394,10 @@ class PostgresSearchQueries(PostgresSessionQueries):
         self, query: np.ndarray[Any, Any], rowids: Sequence[int]
     ) -> dict[int, float]:
         return _distances(query, await self._embedding_rows(rowids))
+
+
+def _distance(value: float) -> float:
+    return 1.0 if math.isnan(value) else float(value)
 
 
 def _distances(query: np.ndarray[Any, Any], rows: Sequence[Any]) -> dict[int, float]:

@@ -81,13 +81,14 @@ class PostgresSessionQueries(PostgresDatabase):
                 session_id,
                 now,
             )
-            key = int(
-                await conn.fetchval(
-                    "SELECT id FROM sessions WHERE namespace = $1 AND session_id = $2",
-                    namespace,
-                    session_id,
-                )
+            found = await conn.fetchval(
+                "SELECT id FROM sessions WHERE namespace = $1 AND session_id = $2",
+                namespace,
+                session_id,
             )
+            if found is None:  # another replica deleted it in between
+                raise StaleSession(f"session {session_id!r} was deleted while it was made")
+            key = int(found)
             await conn.execute(
                 "INSERT INTO session_state(session_key, updated_at) VALUES ($1, $2)"
                 " ON CONFLICT (session_key) DO NOTHING",
@@ -122,6 +123,9 @@ class PostgresSessionQueries(PostgresDatabase):
         a deleted row's bytes in the table's pages until they are reused (and in its WAL
         until recycled): the README says what that means for secure delete here."""
         async with self._transaction() as conn:
+            # the state row first, as every write of the session takes it (then the
+            # session's row): the same order, so a delete and a write never deadlock
+            await conn.execute("SELECT 1 FROM session_state WHERE session_key = $1 FOR UPDATE", key)
             await conn.execute("DELETE FROM sessions WHERE id = $1", key)
 
     # -- state -----------------------------------------------------------------------------

@@ -103,11 +103,16 @@ async def _migrate(conn: Any, params: Parameters, where: str, read_only: bool) -
     newest = max(m.version for m in known)
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
-            " name text NOT NULL, applied_at double precision NOT NULL)"
-        )
-        done = {int(r[0]) for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        # a read-only open creates nothing (a standby, a role that may only read)
+        if not read_only:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
+                " name text NOT NULL, applied_at double precision NOT NULL)"
+            )
+        done: set[int] = set()
+        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
+            rows = await conn.fetch("SELECT version FROM schema_migrations")
+            done = {int(r[0]) for r in rows}
         if done and max(done) > newest:
             raise StorageError(
                 f"the database {where} has schema version {max(done)}, newer than this "
@@ -139,12 +144,13 @@ async def _migrate(conn: Any, params: Parameters, where: str, read_only: bool) -
                     time.time(),
                 )
         # the model the vectors come from, recorded by the first opener
-        await conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('embedding_model', $1), ('embedding_dims', $2)"
-            " ON CONFLICT (key) DO NOTHING",
-            params.embedding_model,
-            str(params.dimensions),
-        )
+        if not read_only:
+            await conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('embedding_model', $1),"
+                " ('embedding_dims', $2) ON CONFLICT (key) DO NOTHING",
+                params.embedding_model,
+                str(params.dimensions),
+            )
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     check_embedding_meta(
