@@ -6,10 +6,12 @@ database.
 The stores are what differs, so the rest is kept out of the figures where it would be the
 same for both: turns and fills embed with a stand-in (random unit vectors under the bundled
 model's name, as benchmarks/retrieval_latency.py), the summarizer is off; queries embed
-with the real bundled model, as a user's would. Floors measured in the same run: one bare
-write transaction on each store (a turn writes at least one), and on PostgreSQL one round
-trip (`SELECT 1`). PostgreSQL is pgserver's (PostgreSQL 16 and pgvector from the `pgserver`
-wheel, default settings, on this machine) unless --postgres names a server.
+with the real bundled model, as a user's would, once the filled database is settled
+(vacuumed, analysed and checkpointed, as a running one would be). Floors measured in the
+same run: one bare write transaction on each store (a turn writes at least one), and on
+PostgreSQL one round trip (`SELECT 1`). PostgreSQL is pgserver's (PostgreSQL 16 and
+pgvector from the `pgserver` wheel, default settings, on this machine) unless --postgres
+names a server.
 
 Run: .venv/bin/python benchmarks/stores.py [--sizes 10000,100000] [--big] [--turns 300]
      [--queries 50] [--processes 1,2,4] [--seconds 20] [--postgres URL] [--keep DIR]
@@ -153,6 +155,25 @@ async def fresh(server: str, name: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
+async def settle(db: str) -> None:
+    """After a fill, before timing searches: the database as a running deployment keeps
+    it (PostgreSQL vacuumed and analysed, as autovacuum would, and checkpointed; SQLite's
+    WAL checkpointed), so neither store's background work lands inside the timings."""
+    if db.startswith("postgresql://"):
+        conn = await asyncpg.connect(db)
+        try:
+            await conn.execute("VACUUM ANALYZE")
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
+        return
+    sqlite = raw_connect(db, 60_000)
+    try:
+        sqlite.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        sqlite.close()
+
+
 def size_mib(db: str) -> float:
     """The database's size: the file and its WAL, or PostgreSQL's database size."""
     if not db.startswith("postgresql://"):
@@ -197,6 +218,7 @@ def main(args: argparse.Namespace) -> None:
                 total = sum(sessions.values())
                 filled = anyio.run(fill, db, sessions, Corpus(seed=11), name, dims)
                 row[f"ingest_per_s {label}"] = round(total / filled)
+                anyio.run(settle, db)
                 figures = anyio.run(measure, db, list(sessions), queries)
                 row[f"retrieve_p50_ms {label}"] = figures["p50_ms"]
                 row[f"retrieve_p95_ms {label}"] = figures["p95_ms"]

@@ -281,8 +281,8 @@ class PostgresSearchQueries(PostgresSessionQueries):
     async def lexical_search(self, terms: Sequence[str], key: int, limit: int) -> list[SearchHit]:
         """The session's best `limit` matches for any of `terms` by bm25 (higher is better),
         each term a plain text (`plainto_tsquery`: nothing in it is syntax). The query is
-        made first, so the planner sees it (and chooses between the full-text index and the
-        session's rows by how rare its words are)."""
+        made first and planned with its value, so the planner chooses between the
+        full-text index and the session's rows by how rare its words are."""
         searched = _terms(terms)
         if not searched:
             return []
@@ -292,26 +292,30 @@ class PostgresSearchQueries(PostgresSessionQueries):
         )
         if not row or not row[0]:  # no word in any term
             return []
-        rows = await self._read_all(
-            "WITH queries AS MATERIALIZED (SELECT t.n, plainto_tsquery('tiermem', t.term) AS q"
-            " FROM unnest($2::text[]) WITH ORDINALITY AS t(term, n)),"
-            " found AS MATERIALIZED (SELECT m.id, m.lexemes, m.lexical_length FROM messages m"
-            " WHERE m.session_key = $1 AND m.lexemes @@ $4::tsquery),"
-            " hits AS MATERIALIZED (SELECT f.id, f.lexical_length, q.n FROM found f"
-            " JOIN queries q ON f.lexemes @@ q.q),"
-            " df AS (SELECT n, count(*) AS d FROM hits GROUP BY n),"
-            " stats AS (SELECT greatest(indexed_messages, 1)::float8 AS docs,"
-            " greatest(indexed_length::float8 / greatest(indexed_messages, 1), 1) AS avgdl"
-            " FROM session_state WHERE session_key = $1)"
-            " SELECT h.id, sum(greatest(ln((s.docs - df.d + 0.5) / (df.d + 0.5)), 1e-6)"
-            " * 2.2 / (1 + 1.2 * (0.25 + 0.75 * h.lexical_length / s.avgdl)))"
-            " AS score FROM hits h JOIN df USING (n) CROSS JOIN stats s"
-            " GROUP BY h.id ORDER BY score DESC, h.id LIMIT $3",
-            key,
-            searched,
-            limit,
-            row[0],
-        )
+        async with self._transaction() as conn:
+            # planned for this query's words (a cached generic plan cannot tell whether the
+            # full-text index or the session's rows are cheaper)
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            rows = await conn.fetch(
+                "WITH queries AS MATERIALIZED (SELECT t.n, plainto_tsquery('tiermem', t.term) AS q"
+                " FROM unnest($2::text[]) WITH ORDINALITY AS t(term, n)),"
+                " found AS MATERIALIZED (SELECT m.id, m.lexemes, m.lexical_length FROM messages m"
+                " WHERE m.session_key = $1 AND m.lexemes @@ $4::tsquery),"
+                " hits AS MATERIALIZED (SELECT f.id, f.lexical_length, q.n FROM found f"
+                " JOIN queries q ON f.lexemes @@ q.q),"
+                " df AS (SELECT n, count(*) AS d FROM hits GROUP BY n),"
+                " stats AS (SELECT greatest(indexed_messages, 1)::float8 AS docs,"
+                " greatest(indexed_length::float8 / greatest(indexed_messages, 1), 1) AS avgdl"
+                " FROM session_state WHERE session_key = $1)"
+                " SELECT h.id, sum(greatest(ln((s.docs - df.d + 0.5) / (df.d + 0.5)), 1e-6)"
+                " * 2.2 / (1 + 1.2 * (0.25 + 0.75 * h.lexical_length / s.avgdl)))"
+                " AS score FROM hits h JOIN df USING (n) CROSS JOIN stats s"
+                " GROUP BY h.id ORDER BY score DESC, h.id LIMIT $3",
+                key,
+                searched,
+                limit,
+                row[0],
+            )
         return [SearchHit(int(r[0]), float(r[1])) for r in rows]
 
     async def term_counts(self, terms: Sequence[str], key: int, latest: int) -> TermCounts:

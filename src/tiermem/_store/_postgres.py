@@ -63,11 +63,7 @@ class PostgresStore(PostgresSearchQueries):
                 await _migrate(conn, params, where, read_only)
             finally:
                 await conn.close()
-            # a plan for each query's own values: the lexical search's query decides whether
-            # the full-text index or the session's rows are cheaper (a generic plan cannot)
-            settings = {"plan_cache_mode": "force_custom_plan"}
-            if read_only:
-                settings["default_transaction_read_only"] = "on"
+            settings = {"default_transaction_read_only": "on"} if read_only else {}
             pool = await base.asyncpg.create_pool(
                 url,
                 min_size=1,
