@@ -30,7 +30,7 @@ from ._pg_base import escape, unescape
 from ._pg_state import PostgresSessionQueries, claim, write_state
 from ._rows import MessageKey, MessageRow, NewMessage, SearchHit, StateRow, TermCounts
 from ._search import nearest as _nearest
-from ._vectors import KNN_OVERSAMPLE, cosine_distances
+from ._vectors import KNN_OVERSAMPLE, distances_to
 
 MESSAGE_COLUMNS = (
     "id, position, message_id, role, content, created_at, token_count, metadata, escaped"
@@ -106,16 +106,14 @@ class PostgresSearchQueries(PostgresSessionQueries):
         like: tuple[Sequence[str], Sequence[str]] | None = None,
     ) -> list[MessageKey]:
         where = "session_key = $1"
-        params: list[Any] = [key]
+        params: list[Any] = [key, limit]
         if like is not None:
             where += " AND (content_hash = ANY($3::text[]) OR message_id = ANY($4::text[]))"
             params += [list(like[0]), list(like[1])]
         rows = await self._read_all(
             f"SELECT position, message_id, content_hash FROM messages WHERE {where}"
             f" ORDER BY position {'DESC' if newest_first else 'ASC'} LIMIT $2",
-            params[0],
-            limit,
-            *params[1:],
+            *params,
         )
         keys = [MessageKey(int(r[0]), r[1], r[2]) for r in rows]
         return keys[::-1] if newest_first else keys
@@ -286,13 +284,13 @@ class PostgresSearchQueries(PostgresSessionQueries):
         searched = _terms(terms)
         if not searched:
             return []
-        row = await self._read_one(
-            "SELECT tiermem_any(plainto_tsquery('tiermem', t))::text FROM unnest($1::text[]) t",
-            searched,
-        )
-        if not row or not row[0]:  # no word in any term
-            return []
         async with self._transaction() as conn:
+            query = await conn.fetchval(
+                "SELECT tiermem_any(plainto_tsquery('tiermem', t))::text FROM unnest($1::text[]) t",
+                searched,
+            )
+            if not query:  # no word in any term
+                return []
             # planned for this query's words (a cached generic plan cannot tell whether the
             # full-text index or the session's rows are cheaper)
             await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
@@ -314,7 +312,7 @@ class PostgresSearchQueries(PostgresSessionQueries):
                 key,
                 searched,
                 limit,
-                row[0],
+                query,
             )
         return [SearchHit(int(r[0]), float(r[1])) for r in rows]
 
@@ -405,5 +403,7 @@ def _distance(value: float) -> float:
 
 
 def _distances(query: np.ndarray[Any, Any], rows: Sequence[Any]) -> dict[int, float]:
-    """Cosine distances through the SQLite store's function (it reads float32 bytes)."""
-    return cosine_distances(query, [(r[0], np.ascontiguousarray(r[1]).tobytes()) for r in rows])
+    """(rowid, vector) rows -> cosine distance from `query` to each, as the SQLite store's."""
+    if not rows:
+        return {}
+    return distances_to(query, [r[0] for r in rows], np.stack([r[1] for r in rows]))

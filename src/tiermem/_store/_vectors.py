@@ -51,9 +51,16 @@ def cosine_distances(query: np.ndarray[Any, Any], rows: Sequence[Row]) -> dict[i
     if not rows:
         return {}
     matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+    return distances_to(query, [r[0] for r in rows], matrix)
+
+
+def distances_to(
+    query: np.ndarray[Any, Any], rowids: Sequence[int], matrix: np.ndarray[Any, Any]
+) -> dict[int, float]:
+    """Cosine distance from `query` to each row of `matrix` (a zero vector's is 1)."""
     norms = np.linalg.norm(matrix, axis=1) * (float(np.linalg.norm(query)) or 1.0)
     similarity = (matrix @ np.asarray(query, dtype=np.float32)) / np.where(norms > 0, norms, 1.0)
-    return {int(r[0]): float(1.0 - s) for r, s in zip(rows, similarity, strict=True)}
+    return {int(i): float(1.0 - s) for i, s in zip(rowids, similarity, strict=True)}
 
 
 def ids_json(ids: Iterable[int]) -> str:
