@@ -10,7 +10,7 @@ from ._config import (
     NoSnapshots,
     ScoringWeights,
 )
-from ._embedder import Embedder, SentenceTransformerEmbedder
+from ._embedder import Embedder, OnnxEmbedder, SentenceTransformerEmbedder
 from ._errors import (
     BudgetError,
     ConfigError,
@@ -133,6 +133,7 @@ __all__ = [
     "NoSnapshots",
     "NoTelemetry",
     "NotFoundError",
+    "OnnxEmbedder",
     "OpenTelemetryMetrics",
     "OperationType",
     "PostgresStore",

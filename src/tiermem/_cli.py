@@ -331,7 +331,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 async def _migrate_store(args: argparse.Namespace) -> int:
     """Copy every session of `--from` into the empty `--to`, then compare the counts."""
-    from ._embedder import SentenceTransformerEmbedder
+    from ._embedder import make_embedder
     from ._opening import open_store
     from ._store_copy import SettableClock, copy_store
 
@@ -339,7 +339,7 @@ async def _migrate_store(args: argparse.Namespace) -> int:
     await _check_db(args.source, create=False)
     await _check_db(args.to, create=True)
     # the embedding model both stores must hold vectors of (read, not loaded)
-    embedder = SentenceTransformerEmbedder(config.embedding_model)
+    embedder = make_embedder(config)
     name, dims = embedder.model_name, embedder.dimensions
     source = await open_store(args.source, name, dims, config, time.time)
     try:

@@ -13,7 +13,7 @@ import anyio.to_thread
 import psutil
 
 from ._config import KV_CACHE_TYPE_BYTES, KVCacheConfig, KVShape
-from ._embedder import Embedder, SentenceTransformerEmbedder
+from ._embedder import Embedder, make_embedder
 from ._errors import ConfigError, ModelError
 from ._llm import LlamaChat, LlamaTokenizer, resolve_gguf
 from ._pool import ModelPool
@@ -115,9 +115,7 @@ async def open_parts(
     now (vocabulary and shape), so a missing or corrupt model fails here, not at a turn."""
     pool = ModelPool(config.model_memory_limit_bytes)
     if embedder is None:
-        embedder = SentenceTransformerEmbedder(
-            config.embedding_model, config.embedding_batch_size, pool
-        )
+        embedder = make_embedder(config, pool)
     vocab: LlamaTokenizer | None = None
     needs_llm = summarizer is None and config.summarizer_enabled
     if tokenizer is None or needs_llm or config.kv_shape is None:
