@@ -20,7 +20,7 @@ outside the repository (its license forbids copying it in): the run is skipped, 
 when the file is absent.
 
 Run: .venv/bin/python benchmarks/retrieval_eval.py [--locomo PATH] [--no-summarizer]
-[--keep DIR] (`--no-summarizer` skips the LLM to iterate faster; it does not change what is
+[--keep DIR] [--embedding-backend onnx|onnx-int8|sentence-transformers] (`--no-summarizer` skips the LLM to iterate faster; it does not change what is
 stored or searched, only the summaries. `--keep DIR` keeps the databases and reuses them.)
 Prints a table and writes benchmarks/results/retrieval_eval.json (or retrieval_locomo.json).
 """
@@ -43,7 +43,7 @@ import sqlite_vec
 from common import write_results
 
 import tiermem
-from tiermem._embedder import SentenceTransformerEmbedder
+from tiermem._embedder import Embedder, make_embedder
 from tiermem._text import words
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ async def ask(
 
 
 def baselines(
-    db: Path, conv: dict[str, Any], embedder: SentenceTransformerEmbedder
+    db: Path, conv: dict[str, Any], embedder: Embedder
 ) -> dict[str, dict[str, list[list[str]]]]:
     conn = sqlite3.connect(str(db))
     conn.enable_load_extension(True)
@@ -214,10 +214,12 @@ def main(args: argparse.Namespace) -> None:
         conversations = locomo_conversations(Path(args.locomo))
     else:
         conversations = fixture_conversations(FIXTURE)
-    config = tiermem.KVCacheConfig(summarizer_enabled=not args.no_summarizer)
+    config = tiermem.KVCacheConfig(
+        summarizer_enabled=not args.no_summarizer, embedding_backend=args.embedding_backend
+    )
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tiermem-eval-"))
     folder.mkdir(parents=True, exist_ok=True)
-    embedder = SentenceTransformerEmbedder()
+    embedder = make_embedder(config)  # the vector baseline's, on the same backend
     ranked: dict[str, dict[str, list[list[str]]]] = defaultdict(dict)
     feeds = {}
     questions = {}
@@ -266,9 +268,13 @@ def main(args: argparse.Namespace) -> None:
         "below_better_baseline": below,
         "feeds": feeds,
         "summarizer": not args.no_summarizer,
+        "embedding_backend": args.embedding_backend,
         "misses": misses,
     }
-    write_results("retrieval_locomo" if args.locomo else "retrieval_eval", report)
+    name = "retrieval_locomo" if args.locomo else "retrieval_eval"
+    default = tiermem.KVCacheConfig().embedding_backend
+    suffix = "" if args.embedding_backend == default else f"_{args.embedding_backend}"
+    write_results(name + suffix, report)
     print(json.dumps({k: report[k] for k in ("questions", "margin_at_10", "feeds")}))
 
 
@@ -278,4 +284,9 @@ if __name__ == "__main__":
     parser.add_argument("--no-summarizer", action="store_true")
     parser.add_argument("--keep", help="folder for the databases (reused when present)")
     parser.add_argument("--conversations", type=int, default=10)
+    parser.add_argument(
+        "--embedding-backend",
+        default=tiermem.KVCacheConfig().embedding_backend,
+        choices=["onnx", "onnx-int8", "sentence-transformers"],
+    )
     main(parser.parse_args())

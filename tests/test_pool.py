@@ -140,3 +140,33 @@ async def test_closing_the_pool_never_closes_a_model_under_a_call() -> None:
     with pytest.raises(ModelError):
         async with pool.use("a"):
             pass
+
+
+async def test_a_model_unused_for_its_idle_time_is_unloaded_and_loads_again() -> None:
+    pool = ModelPool()
+    loader = Loader("llm")
+    pool.register("llm", loader.load, 10, loader.close, idle_seconds=0.05)
+    async with pool.use("llm"):
+        await anyio.sleep(0.15)  # in use past its idle time: kept
+        assert pool.is_loaded("llm")
+    for _ in range(3):  # each use restarts the countdown
+        await anyio.sleep(0.03)
+        async with pool.use("llm"):
+            pass
+    assert pool.is_loaded("llm") and loader.closed == 0
+    await anyio.sleep(0.15)
+    assert not pool.is_loaded("llm") and loader.closed == 1
+    assert pool.stats()["idle_unloads"] == 1 and pool.stats()["loaded_bytes"] == 0
+    async with pool.use("llm") as model:
+        assert model == {"model": "llm"} and loader.loaded == 2
+    await pool.aclose()  # a countdown running at close ends with it
+    await anyio.sleep(0.1)
+    assert loader.closed == 2 and pool.stats()["idle_unloads"] == 1
+
+
+async def test_models_without_an_idle_time_stay_loaded() -> None:
+    pool, loaders = pool_of(None, a=10)
+    async with pool.use("a"):
+        pass
+    await anyio.sleep(0.1)
+    assert pool.is_loaded("a") and loaders["a"].closed == 0

@@ -171,6 +171,7 @@ async def open_chat_model(
         mgr.model_pool,
         name=name,
         kv_states=states,
+        idle_seconds=config.llm_idle_unload_seconds,
     )
     mgr.attach_chat(chat)
     return chat

@@ -182,6 +182,9 @@ class KVCacheConfig(_Model):
     model_cache_dir: str | None = None
     llm_model_path: str | None = None
     llm_threads: int | None = Field(default=None, ge=1)
+    # a GGUF no call has used for this long is unloaded (its RAM back between bursts of
+    # summaries or chats; it loads again on its next call); None keeps it loaded
+    llm_idle_unload_seconds: float | None = Field(default=120.0, gt=0.0)
     model_memory_limit_bytes: int | None = Field(default=None, ge=1)
     # sessions and storage
     max_bytes_per_session: int | None = Field(default=None, ge=1)

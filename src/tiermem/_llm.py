@@ -209,13 +209,15 @@ class LlamaChat:
         *,
         telemetry: Telemetry | None = None,
         llama_options: dict[str, Any] | None = None,
+        idle_seconds: float | None = None,
     ) -> None:
         """`name` tells apart two instances of one file in a pool (a chat beside the
         summarizer). With `kv_states`, a call made for a session keeps the session's KV
         state after the reply and restores it on the session's next call (see
         `_kvstate`); `telemetry` gets its events. `llama_options` go to `Llama(...)` as
         they are (KV types, flash attention, rope parameters: a kept state is only
-        restored into a context made the same way)."""
+        restored into a context made the same way). After `idle_seconds` unused the pool
+        unloads it."""
         self.path = path
         self.n_ctx = n_ctx
         self._n_threads = n_threads
@@ -225,7 +227,7 @@ class LlamaChat:
         self.pool = pool
         self.slot = f"llm:{name or path.name}"
         size = path.stat().st_size + n_ctx * bytes_per_token
-        pool.register(self.slot, self._load, size, lambda loaded: loaded[0].close())
+        pool.register(self.slot, self._load, size, self._close, idle_seconds)
         self._stop = threading.Event()
         self.calls = 0
         self.kv_states = kv_states
@@ -348,6 +350,11 @@ class LlamaChat:
             else ""
         )
         return llama, _make_formatter(llama, self.path), print_
+
+    def _close(self, loaded: tuple[Any, Any, str]) -> None:
+        """Blocking: the model freed; its live context holds no session's state now."""
+        self._live = None
+        loaded[0].close()
 
     def _complete(
         self,

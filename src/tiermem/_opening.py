@@ -144,6 +144,7 @@ async def open_parts(
             config.llm_threads,
             pool,
             shape.bytes_per_token,
+            idle_seconds=config.llm_idle_unload_seconds,
         )
         stoppers.append(chat.stop)
         summarizer = LLMSummarizer(chat, vocab, config.summary_timeout_seconds)

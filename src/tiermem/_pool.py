@@ -4,11 +4,14 @@ used first when a model-memory limit would be exceeded.
 A model is registered with a loader (blocking, run in a worker thread), a closer and its
 size estimate in bytes; `use(name)` loads it on first use and holds a reference for the
 duration of the `async with`. A model in use is never unloaded: when loading another would
-exceed the limit and only models in use could make room, `BudgetError` names them.
+exceed the limit and only models in use could make room, `BudgetError` names them. A model
+registered with `idle_seconds` is unloaded once no call has used it for that long (a
+summarizer's LLM between bursts of clears), and loads again on its next use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +35,8 @@ class _Slot:
     last_used: float = 0.0
     loading: bool = False  # its bytes are counted while it loads
     retired: bool = False  # the pool closed: unload once the last call releases it
+    idle_seconds: float | None = None  # unloaded after this long unused
+    idle_timer: asyncio.TimerHandle | None = None
     load_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
@@ -49,6 +54,8 @@ class ModelPool:
         self.loads = 0
         self.unloads = 0
         self.hits = 0
+        self.idle_unloads = 0
+        self._idle_tasks: set[asyncio.Task[None]] = set()
 
     def register(
         self,
@@ -56,11 +63,13 @@ class ModelPool:
         loader: Callable[[], Any],
         size_bytes: int,
         closer: Callable[[Any], None] = lambda _model: None,
+        idle_seconds: float | None = None,
     ) -> None:
         """Make a model known to the pool (nothing is loaded yet)."""
         if name in self._slots:
             raise ModelError(f"a model named {name!r} is already registered")
-        self._slots[name] = _Slot(name, loader, closer, max(0, int(size_bytes)))
+        slot = _Slot(name, loader, closer, max(0, int(size_bytes)), idle_seconds=idle_seconds)
+        self._slots[name] = slot
 
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[Any]:
@@ -94,6 +103,8 @@ class ModelPool:
             if slot.retired and not slot.references and slot.loaded:
                 with anyio.CancelScope(shield=True):
                     await self._close(slot)
+            elif slot.idle_seconds is not None and not slot.references:
+                self._arm_idle_timer(slot)
 
     async def unload(self, name: str) -> bool:
         """Unload a model now; False if it was not loaded. A model in use cannot be."""
@@ -110,9 +121,13 @@ class ModelPool:
         """Unload every model; one still in use is unloaded when its last call releases
         it, never under it."""
         with anyio.CancelScope(shield=True):
+            for task in list(self._idle_tasks):
+                task.cancel()
             async with self._lock:
                 for slot in self._slots.values():
                     slot.retired = True
+                    if slot.idle_timer is not None:
+                        slot.idle_timer.cancel()
                     if slot.loaded and not slot.references:
                         await self._close(slot)
 
@@ -136,6 +151,7 @@ class ModelPool:
             "registered": sorted(self._slots),
             "loads": self.loads,
             "unloads": self.unloads,
+            "idle_unloads": self.idle_unloads,
             "hits": self.hits,
         }
 
@@ -144,6 +160,28 @@ class ModelPool:
         if slot is None:
             raise ModelError(f"no model named {name!r} in the pool")
         return slot
+
+    def _arm_idle_timer(self, slot: _Slot) -> None:
+        """(Re)start the slot's countdown to an unload; a use before it ends wins."""
+        assert slot.idle_seconds is not None
+        if slot.idle_timer is not None:
+            slot.idle_timer.cancel()
+        loop = asyncio.get_running_loop()
+        slot.idle_timer = loop.call_later(slot.idle_seconds, self._idle_expired, slot)
+
+    def _idle_expired(self, slot: _Slot) -> None:
+        slot.idle_timer = None
+        task = asyncio.get_running_loop().create_task(self._unload_idle(slot))
+        self._idle_tasks.add(task)
+        task.add_done_callback(self._idle_tasks.discard)
+
+    async def _unload_idle(self, slot: _Slot) -> None:
+        async with slot.load_lock, self._lock:  # not while it loads or is used
+            unused = time.monotonic() - slot.last_used
+            if slot.loaded and not slot.references and not slot.retired:
+                if unused >= (slot.idle_seconds or 0.0) * 0.99:
+                    await self._close(slot)
+                    self.idle_unloads += 1
 
     async def _make_room(self, incoming: _Slot) -> None:
         """Unload idle models, least recently used first, until `incoming` fits."""
