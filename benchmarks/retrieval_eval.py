@@ -20,8 +20,9 @@ outside the repository (its license forbids copying it in): the run is skipped, 
 when the file is absent.
 
 Run: .venv/bin/python benchmarks/retrieval_eval.py [--locomo PATH] [--no-summarizer]
-[--keep DIR] [--embedding-backend onnx|onnx-int8|sentence-transformers] (`--no-summarizer` skips the LLM to iterate faster; it does not change what is
-stored or searched, only the summaries. `--keep DIR` keeps the databases and reuses them.)
+[--keep DIR] [--embedding-backend onnx|onnx-int8|sentence-transformers]
+(`--no-summarizer` skips the LLM to iterate faster; it does not change what is stored or
+searched, only the summaries. `--keep DIR` keeps the databases and reuses them.)
 Prints a table and writes benchmarks/results/retrieval_eval.json (or retrieval_locomo.json).
 """
 

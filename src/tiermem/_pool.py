@@ -177,11 +177,10 @@ class ModelPool:
 
     async def _unload_idle(self, slot: _Slot) -> None:
         async with slot.load_lock, self._lock:  # not while it loads or is used
-            unused = time.monotonic() - slot.last_used
-            if slot.loaded and not slot.references and not slot.retired:
-                if unused >= (slot.idle_seconds or 0.0) * 0.99:
-                    await self._close(slot)
-                    self.idle_unloads += 1
+            unused = time.monotonic() - slot.last_used >= (slot.idle_seconds or 0.0) * 0.99
+            if unused and slot.loaded and not slot.references and not slot.retired:
+                await self._close(slot)
+                self.idle_unloads += 1
 
     async def _make_room(self, incoming: _Slot) -> None:
         """Unload idle models, least recently used first, until `incoming` fits."""
