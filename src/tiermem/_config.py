@@ -181,7 +181,11 @@ class KVCacheConfig(_Model):
     # the ONNX exports' folder (default: $XDG_CACHE_HOME/tiermem or ~/.cache/tiermem)
     model_cache_dir: str | None = None
     llm_model_path: str | None = None
+    # the chat model's threads (llama.cpp's default when None); the summarizer's: 1 when
+    # None, for prompts too, at `summarizer_nice` (0: as the host's threads), so a
+    # background summary takes the CPU that turns leave instead of slowing them
     llm_threads: int | None = Field(default=None, ge=1)
+    summarizer_nice: int = Field(default=10, ge=0, le=19)
     # a GGUF no call has used for this long is unloaded (its RAM back between bursts of
     # summaries or chats; it loads again on its next call); None keeps it loaded
     llm_idle_unload_seconds: float | None = Field(default=120.0, gt=0.0)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,7 @@ class LlamaChat:
         telemetry: Telemetry | None = None,
         llama_options: dict[str, Any] | None = None,
         idle_seconds: float | None = None,
+        nice: int | None = None,
     ) -> None:
         """`name` tells apart two instances of one file in a pool (a chat beside the
         summarizer). With `kv_states`, a call made for a session keeps the session's KV
@@ -217,13 +220,17 @@ class LlamaChat:
         `_kvstate`); `telemetry` gets its events. `llama_options` go to `Llama(...)` as
         they are (KV types, flash attention, rope parameters: a kept state is only
         restored into a context made the same way). After `idle_seconds` unused the pool
-        unloads it."""
+        unloads it. With `nice`, generation runs on a thread of its own at that lower
+        priority (a background summarizer takes the CPU that turns leave, see
+        `_generate`)."""
         self.path = path
         self.n_ctx = n_ctx
         self._n_threads = n_threads
         self._options = dict(llama_options or {})
         self.telemetry: Telemetry = Guarded(telemetry or NoTelemetry())
         self._limiter = anyio.CapacityLimiter(1)
+        self._nice = nice
+        self._thread: ThreadPoolExecutor | None = None
         self.pool = pool
         self.slot = f"llm:{name or path.name}"
         size = path.stat().st_size + n_ctx * bytes_per_token
@@ -271,21 +278,26 @@ class LlamaChat:
         self._in_flight += 1
         try:
             async with self.pool.use(self.slot) as loaded:
-                return await anyio.to_thread.run_sync(
-                    self._complete,
-                    loaded,
-                    messages,
-                    max_tokens,
-                    timeout,
-                    session,
-                    epoch,
-                    limiter=self._limiter,
-                )
+                return await self._generate(loaded, messages, max_tokens, timeout, session, epoch)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._epochs.clear()  # no call holds an older count
             self._emit_events()
+
+    async def _generate(self, *args: Any) -> tuple[str, int]:
+        """`_complete` in a worker thread; with `nice`, on the model's own thread, whose
+        lower priority also holds for llama.cpp's threads (they inherit it). A priority
+        once lowered cannot be raised back without privileges, hence a thread of its own.
+        Not cancellable, as llama.cpp is not: a cancelled caller waits for the end."""
+        if self._nice is None:
+            return await anyio.to_thread.run_sync(self._complete, *args, limiter=self._limiter)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(
+                1, "tiermem-llm", initializer=_lower_priority, initargs=(self._nice,)
+            )
+        future = self._thread.submit(self._complete, *args)
+        return await anyio.to_thread.run_sync(future.result, limiter=self._limiter)
 
     async def forget(self, session: StateKey) -> None:
         """Drop the session's kept state from every tier, and from the live context if it
@@ -468,6 +480,15 @@ class LlamaChat:
         self._live = (id(llama), session)
         self._live_prompt = len(state.tokens)
         return True
+
+
+def _lower_priority(nice: int) -> None:
+    """The calling thread's nice value at least `nice` (Linux: per thread)."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, max(nice, os.getpriority(os.PRIO_PROCESS, thread)))
+    except (OSError, AttributeError) as exc:  # not Linux, or not allowed
+        log.debug("the model thread keeps its priority: %s", exc)
 
 
 def _tokenize(llama: Any, prompt: str) -> list[int]:

@@ -138,13 +138,16 @@ async def open_parts(
     stoppers: list[Callable[[], None]] = []
     if needs_llm:
         assert vocab is not None
+        threads = config.llm_threads or 1
         chat = LlamaChat(
             vocab.path,
             config.summarizer_context_tokens,
-            config.llm_threads,
+            threads,
             pool,
             shape.bytes_per_token,
+            llama_options={"n_threads_batch": threads},
             idle_seconds=config.llm_idle_unload_seconds,
+            nice=config.summarizer_nice or None,
         )
         stoppers.append(chat.stop)
         summarizer = LLMSummarizer(chat, vocab, config.summary_timeout_seconds)
