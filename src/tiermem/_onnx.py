@@ -26,6 +26,8 @@ import numpy.typing as npt
 from ._errors import ModelError
 
 FORMAT = 1  # bump when the exported graph changes shape: older files are not reused
+# a run of texts embedded together: rows x width^2 at most (16 texts of 256 tokens)
+ATTENTION_CELLS = 16 * 256 * 256
 FLOAT_AGREEMENT = 0.999  # cosine to the original model below which an export is refused
 CHECK_SENTENCES = [
     "Hi!",
@@ -118,8 +120,29 @@ class OnnxEncoder:
         self._inputs = {i.name for i in self._session.get_inputs()}
 
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """One batch, padded to its longest text."""
+        """The texts' vectors, run in runs of similar length: less padding, and a run's
+        attention scores (rows x heads x width^2 floats) kept under `ATTENTION_CELLS`, so
+        a batch of long texts does not take hundreds of MB at once."""
         encodings = self._tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        runs = []
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order):
+                width = len(encodings[order[end]].ids)
+                if (end - start + 1) * width * width > ATTENTION_CELLS:
+                    break
+                end += 1
+            runs.append(self._run([encodings[i] for i in order[start:end]]))
+            start = end
+        vectors = np.concatenate(runs)
+        out = np.empty_like(vectors)
+        out[order] = vectors  # back in the texts' order
+        return out
+
+    def _run(self, encodings: list[Any]) -> npt.NDArray[np.float32]:
+        """One run, padded to its longest text."""
         width = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(encodings), width), dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
