@@ -21,7 +21,7 @@ top `limit` with threshold 0 (search_ms each; hits = message ids, best first).
 Only the add / search call is inside the timer. infer=False means no LLM: the
 LLM configured is a dummy whose every call raises, so any LLM use fails the run.
 
-Fill: "api" (default) hands each run of same-session messages to one add() call
+Fill: "api" (default) hands each session's messages to one add() call
 (mem0 still embeds and stores them one by one; a call's metadata is shared, so
 the id rides in each message's `name`, stored as actor_id). "direct" bypasses
 add(): one embed_batch over all texts, then vector_store.insert of the payloads
@@ -48,6 +48,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 t_import = time.perf_counter()
 import mem0  # noqa: E402
 from mem0 import AsyncMemory, Memory  # noqa: E402
+
 import_s = time.perf_counter() - t_import
 if job.get("threads"):
     import torch
@@ -68,37 +69,58 @@ def hit_id(r):
     return (r.get("metadata") or {}).get("msg_id") or r.get("actor_id")
 
 
-def runs(messages):
-    """Consecutive same-session stretches of messages."""
-    out = []
+def by_session(messages):
+    """Messages grouped by session, first-seen order (mem0 has no order to keep)."""
+    groups = {}
     for m in messages:
-        if out and out[-1][0]["session"] == m["session"]:
-            out[-1].append(m)
-        else:
-            out.append([m])
-    return out
+        groups.setdefault(m["session"], []).append(m)
+    return list(groups.values())
 
 
 def direct_fill(mem, fill):
     vecs = mem.embedding_model.embed_batch([m["content"] for m in fill], "add")
     now = datetime.now(timezone.utc).isoformat()
-    payloads = [{"data": m["content"], "hash": hashlib.md5(m["content"].encode()).hexdigest(),
-                 "created_at": now, "updated_at": now, "text_lemmatized": m["content"],
-                 "user_id": m["session"], "role": m["role"], "msg_id": m["id"]} for m in fill]
+    payloads = [
+        {
+            "data": m["content"],
+            "hash": hashlib.md5(m["content"].encode()).hexdigest(),
+            "created_at": now,
+            "updated_at": now,
+            "text_lemmatized": m["content"],
+            "user_id": m["session"],
+            "role": m["role"],
+            "msg_id": m["id"],
+        }
+        for m in fill
+    ]
     for i in range(0, len(fill), 1000):
-        mem.vector_store.insert(vectors=vecs[i:i + 1000], payloads=payloads[i:i + 1000],
-                                ids=[str(uuid.uuid4()) for _ in payloads[i:i + 1000]])
+        mem.vector_store.insert(
+            vectors=vecs[i : i + 1000],
+            payloads=payloads[i : i + 1000],
+            ids=[str(uuid.uuid4()) for _ in payloads[i : i + 1000]],
+        )
 
 
 async def main():
     config = {
         "embedder": {"provider": "huggingface", "config": {"model": job["model_path"]}},
-        "vector_store": {"provider": "qdrant", "config": {  # mem0's default store
-            "path": os.path.join(work, "qdrant"), "collection_name": "peer",
-            "embedding_model_dims": json.load(open(os.path.join(
-                job["model_path"], "1_Pooling", "config.json")))["word_embedding_dimension"]}},
-        "llm": {"provider": "openai", "config": {  # never used: infer=False
-            "api_key": "unused", "openai_base_url": "http://127.0.0.1:9/v1"}},
+        "vector_store": {
+            "provider": "qdrant",
+            "config": {  # mem0's default store
+                "path": os.path.join(work, "qdrant"),
+                "collection_name": "peer",
+                "embedding_model_dims": json.load(
+                    open(os.path.join(job["model_path"], "1_Pooling", "config.json"))
+                )["word_embedding_dimension"],
+            },
+        },
+        "llm": {
+            "provider": "openai",
+            "config": {  # never used: infer=False
+                "api_key": "unused",
+                "openai_base_url": "http://127.0.0.1:9/v1",
+            },
+        },
         "history_db_path": os.path.join(work, "history.db"),
     }
     t0 = time.perf_counter()
@@ -112,7 +134,7 @@ async def main():
     if fill_mode == "direct":
         direct_fill(mem, job["fill"])  # sync internals, same in both modes
     else:
-        for run in runs(job["fill"]):
+        for run in by_session(job["fill"]):
             msgs = [{"role": m["role"], "content": m["content"], "name": m["id"]} for m in run]
             await call(mem.add, msgs, user_id=run[0]["session"], infer=False)
     fill_s = time.perf_counter() - t0
@@ -129,18 +151,32 @@ async def main():
     search_ms, hits = [], []
     for q in job["questions"]:
         t0 = time.perf_counter()
-        res = await call(mem.search, q["query"], filters={"user_id": q["session"]},
-                         top_k=job.get("limit", 10), threshold=0.0)
+        res = await call(
+            mem.search,
+            q["query"],
+            filters={"user_id": q["session"]},
+            top_k=job.get("limit", 10),
+            threshold=0.0,
+        )
         search_ms.append((time.perf_counter() - t0) * 1000)
         hits.append([hit_id(r) for r in res["results"]])
 
     mem.close()
     mem.vector_store.client.close()
-    out = {"system": "mem0 AsyncMemory" if ASYNC else "mem0 Memory", "version": mem0.__version__,
-           "write_ms": write_ms, "fill_s": fill_s, "fill_mode": fill_mode, "ingest_s": ingest_s,
-           "search_ms": search_ms, "hits": hits, "load_s": load_s, "import_s": import_s,
-           "threads": job.get("threads"),
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {
+        "system": "mem0 AsyncMemory" if ASYNC else "mem0 Memory",
+        "version": mem0.__version__,
+        "write_ms": write_ms,
+        "fill_s": fill_s,
+        "fill_mode": fill_mode,
+        "ingest_s": ingest_s,
+        "search_ms": search_ms,
+        "hits": hits,
+        "load_s": load_s,
+        "import_s": import_s,
+        "threads": job.get("threads"),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     with open(args[1], "w") as f:
         json.dump(out, f)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,19 +161,31 @@ class Retriever:
             query_vector = None
         nearest: dict[int, Sequence[tuple[int, float]]] = {}
         embedded: list[np.ndarray[Any, Any]] = []
+        reads: dict[str, Any] = {}
+
+        async def read(name: str, call: Callable[..., Awaitable[Any]], *args: Any) -> None:
+            reads[name] = await call(*args)
+
         async with anyio.create_task_group() as tg:
             # the vector pass (a model thread, then the vector connection) runs beside the
-            # text reads (the reader connection)
+            # text reads, which are queued together rather than awaited one by one
             if self._embedder is not None and query and not query.isspace():
                 tg.start_soon(
                     self._vector_pass, key, active, query, query_vector, embedded, nearest
                 )
-            active_ids = {e.rowid for e in active}
-            snapshot_ids = set(await self._store.snapshot_message_rowids(key))
-            pool = await self._store.lexical_search(searched, key, LEXICAL_POOL)
+            store = self._store
+            tg.start_soon(read, "snapshots", store.snapshot_message_rowids, key)
+            tg.start_soon(read, "pool", store.lexical_search, searched, key, LEXICAL_POOL)
             if hybrid and self._config.retrieval_query_cues and cues.role is None:
-                cues = await self._speaker_cue(key, cues, terms)
+                tg.start_soon(read, "cues", self._speaker_cue, key, cues, terms)
+            if cues.window is not None:
+                period = (*cues.window, WINDOW_CANDIDATES)
+                tg.start_soon(read, "within", store.rowids_between_times, key, *period)
         vector = embedded[0] if embedded else None
+        active_ids = {e.rowid for e in active}
+        snapshot_ids = set(reads["snapshots"])
+        pool = reads["pool"]
+        cues = reads.get("cues", cues)
         floor = pool[-1].score if len(pool) == LEXICAL_POOL else 0.0
 
         found: dict[int, Candidate] = {}
@@ -188,9 +200,8 @@ class Retriever:
             lexical = pool[:k] if members is None else _best_among(pool, members, k)
             _merge(found, lexical, nearest.get(tier, []))
 
-        if cues.window is not None:
-            within = await self._store.rowids_between_times(key, *cues.window, WINDOW_CANDIDATES)
-            await self._search_within(found, within, pool, vector)
+        if "within" in reads:
+            await self._search_within(found, reads["within"], pool, vector)
         await self._attach_rows(key, found, with_neighbours=hybrid)
         allowed = set(tiers)
         for c in found.values():
@@ -331,46 +342,69 @@ class Retriever:
         active_ids: set[int],
         snapshot_ids: set[int],
     ) -> None:
-        """Search again for the names the best hits mention and the query does not."""
-        top = sorted(found.values(), key=lambda c: -c.score)[:HOP_TOP_HITS]
+        """Search again for the names the best hits mention and the query does not. Every
+        name is searched at once (one queue of reads, not a round trip each), then each
+        parent's links are scored in order."""
         asked = set(terms)
-        for parent in top:
-            if parent.row is None:
-                continue
-            names = [n for n in names_in(parent.row.content) if n not in asked]
-            if not names:
-                continue
+        parents = [
+            (parent, [n for n in names_in(parent.row.content) if n not in asked][:HOP_NAMES])
+            for parent in sorted(found.values(), key=lambda c: -c.score)[:HOP_TOP_HITS]
+            if parent.row is not None
+        ]
+        matches = await self._name_matches(key, {n for _, names in parents for n in names})
+        links: list[tuple[Candidate, dict[int, list[str]]]] = []
+        for parent, names in parents:
             matched: dict[int, list[str]] = {}
-            for name in names[:HOP_NAMES]:
-                matches = await self._store.lexical_search([name], key, HOP_MAX_LINKS + 1)
+            for name in names:
                 # a name in 2..HOP_MAX_LINKS messages links them; a commoner word does not
-                if 1 < len(matches) <= HOP_MAX_LINKS:
-                    for rowid, _ in matches:
+                if 1 < len(matches[name]) <= HOP_MAX_LINKS:
+                    for rowid in matches[name]:
                         if rowid != parent.rowid and rowid not in exclude:
                             matched.setdefault(rowid, []).append(name)
-            new = {rowid: Candidate(rowid) for rowid in matched if rowid not in found}
-            for row in await self._store.messages_by_rowid(list(new)) if new else []:
-                new[row.rowid].row = row
-            # a name is written with a capital wherever it is one: "Blue calms me", opening
-            # a sentence, links no message about the colour blue
-            linked = {
-                rowid: c
-                for rowid, linking in matched.items()
-                if (c := found.get(rowid) or new[rowid]).row is not None
-                and any(_capitalised(c.row.content, name) for name in linking)
-            }
-            fresh = {rowid: c for rowid, c in linked.items() if rowid in new}
-            if fresh:
-                # no lexical score: they were found through a name, not the query's words
-                await self._complete(fresh, {}, 0.0, vector)
-                self._fuse(fresh.values(), terms, has_vector=vector is not None)
-                for c in fresh.values():
-                    c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
-                    c.score = c.base
-            for rowid, c in linked.items():
+            links.append((parent, matched))
+        new = {r: Candidate(r) for _, matched in links for r in matched if r not in found}
+        for row in await self._store.messages_by_rowid(list(new)) if new else []:
+            new[row.rowid].row = row
+        # a name is written with a capital wherever it is one: "Blue calms me", opening a
+        # sentence, links no message about the colour blue
+        linked = [
+            (
+                parent,
+                {
+                    rowid: c
+                    for rowid, linking in matched.items()
+                    if (c := found.get(rowid) or new[rowid]).row is not None
+                    and any(_capitalised(c.row.content, name) for name in linking)
+                },
+            )
+            for parent, matched in links
+        ]
+        fresh = {r: c for _, cs in linked for r, c in cs.items() if r in new}
+        if fresh:
+            # no lexical score: they were found through a name, not the query's words
+            await self._complete(fresh, {}, 0.0, vector)
+            self._fuse(fresh.values(), terms, has_vector=vector is not None)
+            for c in fresh.values():
+                c.tier = _tier_of(c.rowid, active_ids, snapshot_ids)
+                c.score = c.base
+        for parent, cs in linked:
+            for rowid, c in cs.items():
                 if c.tier in allowed:
                     c.score = max(c.score, HOP_WEIGHT * parent.score)
                     found[rowid] = c
+
+    async def _name_matches(self, key: int, names: Collection[str]) -> dict[str, list[int]]:
+        """The messages holding each name (HOP_MAX_LINKS + 1 at most), searched together."""
+        out: dict[str, list[int]] = {}
+
+        async def search(name: str) -> None:
+            found = await self._store.lexical_search([name], key, HOP_MAX_LINKS + 1)
+            out[name] = [rowid for rowid, _ in found]
+
+        async with anyio.create_task_group() as tg:
+            for name in sorted(names):
+                tg.start_soon(search, name)
+        return out
 
 
 def _common_terms(terms: Sequence[str], counts: TermCounts) -> set[str]:
