@@ -233,6 +233,23 @@ async def test_a_turns_question_is_embedded_once_to_store_and_search(
     assert embedder.calls == [["Ana's dog is called Pico."], ["what is the dog called?"]]
 
 
+async def test_a_turns_question_without_its_common_words_is_embedded_with_the_message(
+    open_manager: Callable[..., Any],
+) -> None:
+    """The query's vector leaves out the speaker's name (in every message); it is made in
+    the same batch as the message's own, not in a second call."""
+    embedder = HashingEmbedder()
+    async with await open_manager(embedder=embedder) as mgr:
+        chat = [Message("user", f"Mia: day {i} was fine.") for i in range(24)]
+        await mgr.ingest("s", [*chat, Message("user", "Mia: I paint fences in June.", id="p")])
+        embedder.calls.clear()
+        question = Message("user", "Mia: what do I paint?", created_at=datetime(2024, 7, 1))
+        result = await mgr.process_conversation("s", [question])
+    assert embedder.calls == [["Mia: what do I paint?", ": what do I paint?"]]
+    assert result.retrieval_result is not None
+    assert result.retrieval_result.entries[0].message_ids == ["p"]
+
+
 async def test_another_embedding_model_is_refused(open_manager: Callable[..., Any]) -> None:
     async with await open_manager(embedder=HashingEmbedder(name="model-a")):
         pass

@@ -290,15 +290,21 @@ class Intake:
         fresh: Sequence[tuple[Message, str]],
         state: StateRow,
         embed: bool,
-    ) -> list[CacheEntry]:
+        also: Sequence[str] = (),
+    ) -> tuple[list[CacheEntry], Any]:
         """Count tokens, embed (if `embed`), and store `fresh` with `state` in one
-        transaction; the stored messages as cache entries."""
+        transaction; the stored messages as cache entries, and the vectors of the texts
+        `also` embedded with them in one batch (a turn's query; None if not `embed`)."""
         if not fresh:
             await self._store.save_state(session.key, state)
-            return []
+            return [], None
         contents = [m.content for m, _ in fresh]
         counts = await anyio.to_thread.run_sync(self._tokens.count, contents)
-        vectors = await self._vectors_for([h for _, h in fresh], contents) if embed else None
+        vectors, extra = (
+            await self._vectors_for([h for _, h in fresh], contents, also)
+            if embed
+            else (None, None)
+        )
         now = self._clock()
         rows, digest, position = [], state.prefix_digest, state.message_count
         for (m, h), tokens in zip(fresh, counts, strict=True):
@@ -326,22 +332,27 @@ class Intake:
             for rid, r in zip(rowids, rows, strict=True)
         ]
         by_rowid = {} if vectors is None else dict(zip(rowids, vectors, strict=True))
-        return self.make_entries(stored, by_rowid)
+        return self.make_entries(stored, by_rowid), extra
 
-    async def _vectors_for(self, hashes: Sequence[str], contents: Sequence[str]) -> Any:
+    async def _vectors_for(
+        self, hashes: Sequence[str], contents: Sequence[str], also: Sequence[str] = ()
+    ) -> tuple[Any, Any]:
         """One vector per text: reused when the database already holds that text's vector,
-        embedded (in one batch, off the event loop) otherwise."""
+        embedded (in one batch with `also`, off the event loop) otherwise; and `also`'s."""
         known = await self._store.vectors_by_hash(hashes)
         missing = sorted({h: i for i, h in enumerate(hashes) if h not in known}.values())
-        if missing:
-            fresh = await self._embedder.embed([contents[i][:EMBED_MAX_CHARS] for i in missing])
-            if fresh.shape != (len(missing), self._store.dimensions):
+        extra = None
+        if missing or also:
+            texts = [contents[i][:EMBED_MAX_CHARS] for i in missing] + list(also)
+            fresh = await self._embedder.embed(texts)
+            if fresh.shape != (len(texts), self._store.dimensions):
                 raise ModelError(
                     f"embedder returned shape {fresh.shape}, expected "
-                    f"({len(missing)}, {self._store.dimensions})"
+                    f"({len(texts)}, {self._store.dimensions})"
                 )
-            known.update((hashes[i], vector) for i, vector in zip(missing, fresh, strict=True))
-        return np.stack([known[h] for h in hashes]).astype(np.float32, copy=False)
+            known.update((hashes[i], vector) for i, vector in zip(missing, fresh, strict=False))
+            extra = fresh[len(missing) :]
+        return np.stack([known[h] for h in hashes]).astype(np.float32, copy=False), extra
 
     async def entries(self, rows: Sequence[MessageRow], with_vectors: bool) -> list[CacheEntry]:
         """Cache entries of stored messages, with their stored vectors if asked."""

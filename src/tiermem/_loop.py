@@ -22,7 +22,7 @@ from ._boundary import convert as library_error
 from ._config import KVCacheConfig
 from ._errors import NotFoundError, TierMemError
 from ._opening import Parts
-from ._retrieval import Retriever
+from ._retrieval import EMBED_MAX_CHARS, Query, Retriever
 from ._scoring import ImportanceScorer
 from ._sessions import STALE_RETRIES, Ident, Session, SessionMemory
 from ._statistics import CacheStatistics
@@ -86,8 +86,14 @@ class MemoryLoop:
         state = session.state.copy()
         state.conversation_count += 1
         embed = self.config.generate_cache_embeddings
+        asked, retrieval_error = await self._read_question(session, [m for m, _ in fresh])
+        # its vector is made in one batch with the messages' (a question kept whole is
+        # embedded once, as the message it is)
+        wanted = asked.text[:EMBED_MAX_CHARS] if asked is not None else ""
+        contents = {m.content for m, _ in fresh}
+        also = [wanted] if wanted.strip() and asked and asked.text not in contents else []
         # one transaction; a conflict with another process raises before anything is written
-        entries = await self._intake.store(session, fresh, state, embed)
+        entries, query_vectors = await self._intake.store(session, fresh, state, embed, also)
         session.state = state
         session.last_activity = self._clock()
         await self._memory.hold_budget(kv_bytes=sum(e.kv_bytes for e in entries))
@@ -108,15 +114,17 @@ class MemoryLoop:
             # the newest summary there is, while this clear's is being written
             bridges.append(bridge.prior_summary_bridge(session.summary.text))
 
-        retrieval, retrieval_error = None, None
-        query = self._retrieval_query([m for m, _ in fresh])
-        if query is not None:
-            # the question was embedded a moment ago to be stored: not again to search
-            vector = next((e.vector for e in entries if e.content == query), None)
+        retrieval = None
+        if asked is not None:
+            vector = (
+                query_vectors[0]
+                if also and query_vectors is not None
+                else next((e.vector for e in entries if e.content == asked.text), None)
+            )
             exclude = {e.rowid for e in entries}
             try:
                 retrieval = await self.retrieve(
-                    session, query, self.config.retrieval_limit, exclude, vector
+                    session, asked, self.config.retrieval_limit, exclude, vector
                 )
             except Exception as exc:  # the turn is stored: it reports the failure, not fails
                 retrieval_error = str(library_error(exc))
@@ -167,6 +175,20 @@ class MemoryLoop:
                 self._memory.sessions.remove(session.ident)
                 session = await self._memory.get(session.session_id, session.namespace, False)
         raise StaleSession(f"session {session.session_id!r} kept changing in another process")
+
+    async def _read_question(
+        self, session: Session, fresh: Sequence[Message]
+    ) -> tuple[Query | None, str | None]:
+        """A turn that asks something: its query read against the session before the turn
+        is stored (its time is the turn's), or why it could not be (the turn goes on)."""
+        query = self._retrieval_query(fresh)
+        if query is None:
+            return None, None
+        newest = max(m.created_at.timestamp() if m.created_at else self._clock() for m in fresh)
+        try:
+            return await self._retriever.read_query(session.key, query, newest), None
+        except Exception as exc:  # the turn is stored all the same; it reports this
+            return None, str(library_error(exc))
 
     def _retrieval_query(self, fresh: Sequence[Message]) -> str | None:
         if not self.config.retrieval_enabled:
@@ -316,7 +338,7 @@ class MemoryLoop:
     async def retrieve(
         self,
         session: Session,
-        query: str,
+        query: str | Query,
         limit: int,
         exclude: set[int],
         query_vector: np.ndarray[Any, Any] | None = None,

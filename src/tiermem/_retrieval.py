@@ -116,6 +116,16 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
+class Query:
+    """A query read against its session (`Retriever.read_query`)."""
+
+    text: str  # what its vector is made of: the query without the session's common words
+    cues: query_cues.QueryCues
+    terms: list[str]  # its keywords
+    searched: list[str]  # those searched lexically (not common)
+
+
+@dataclass(frozen=True, slots=True)
 class SearchOutcome:
     hits: list[Candidate]
     tiers_searched: list[int]
@@ -128,23 +138,17 @@ class Retriever:
         self._embedder = embedder
         self._config = config
 
-    async def search(
-        self,
-        key: int,
-        active: Sequence[CacheEntry],
-        query: str,
-        limit: int,
-        exclude: Collection[int] = (),
-        query_vector: np.ndarray[Any, Any] | None = None,
-    ) -> SearchOutcome:
-        """The best `limit` hits for `query`; `query_vector`, when given, is the query's
-        embedding already at hand (a turn's message was just embedded to be stored)."""
+    async def read_query(self, key: int, query: str, newest: float | None = None) -> Query:
+        """The query read against its session: its cues (time relative to the session's
+        latest message, or `newest` when that is later: a turn's own message not stored
+        yet), its keywords, and the text its vector is made of."""
         hybrid = self._config.retrieval_mode != "escalating"
         # cues and keywords come from the query's opening; the vector pass embeds its own
         opening = text.head(query, text.QUERY_CHARS)
         cues = query_cues.QueryCues(topic=opening)
         if hybrid and self._config.retrieval_query_cues:
-            reference = await self._store.latest_time(key)
+            latest = await self._store.latest_time(key)
+            reference = max((t for t in (latest, newest) if t is not None), default=None)
             if reference is not None:
                 cues = query_cues.analyse(opening, reference)
         terms = text.keywords(cues.topic) or text.keywords(opening)
@@ -155,10 +159,24 @@ class Retriever:
         # cost of the query), and out of the query's embedding, where it would only pull
         # towards the messages that say little else
         common = _common_terms(terms, counts)
-        searched = [t for t in terms if t not in common]
-        if common:
-            query = text.without_keywords(query[:EMBED_MAX_CHARS], common)
-            query_vector = None
+        embedded = text.without_keywords(query[:EMBED_MAX_CHARS], common) if common else query
+        return Query(embedded, cues, terms, [t for t in terms if t not in common])
+
+    async def search(
+        self,
+        key: int,
+        active: Sequence[CacheEntry],
+        query: str | Query,
+        limit: int,
+        exclude: Collection[int] = (),
+        query_vector: np.ndarray[Any, Any] | None = None,
+    ) -> SearchOutcome:
+        """The best `limit` hits for `query` (text, or read already); `query_vector`, when
+        given, is the embedding of its `Query.text`, already at hand (a turn embeds it with
+        its messages)."""
+        hybrid = self._config.retrieval_mode != "escalating"
+        asked = query if isinstance(query, Query) else await self.read_query(key, query)
+        cues, terms, searched, query = asked.cues, asked.terms, asked.searched, asked.text
         nearest: dict[int, Sequence[tuple[int, float]]] = {}
         embedded: list[np.ndarray[Any, Any]] = []
         reads: dict[str, Any] = {}
