@@ -36,15 +36,19 @@ import resource
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 
 args = [a for a in sys.argv[1:] if a != "--async"]
 ASYNC = "--async" in sys.argv[1:]
-job = json.load(open(args[0]))
+job = json.loads(Path(args[0]).read_text())
 work = job["workdir"]
 os.environ["MEM0_TELEMETRY"] = "False"  # read by mem0 at import time
 os.environ["MEM0_DIR"] = os.path.join(work, "mem0home")  # ~/.mem0 otherwise
 os.environ["HF_HUB_OFFLINE"] = "1"
+# torch's OpenMP threads sleep instead of spinning (as tiermem's ONNX threads do): with
+# spinning, a busy 2-core machine made each encode on the main thread ~500 ms, not ~15
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 t_import = time.perf_counter()
 import mem0  # noqa: E402
 from mem0 import AsyncMemory, Memory  # noqa: E402
@@ -79,7 +83,7 @@ def by_session(messages):
 
 def direct_fill(mem, fill):
     vecs = mem.embedding_model.embed_batch([m["content"] for m in fill], "add")
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     payloads = [
         {
             "data": m["content"],
@@ -101,6 +105,11 @@ def direct_fill(mem, fill):
         )
 
 
+DIMS = json.loads((Path(job["model_path"]) / "1_Pooling" / "config.json").read_text())[
+    "word_embedding_dimension"
+]
+
+
 async def main():
     config = {
         "embedder": {"provider": "huggingface", "config": {"model": job["model_path"]}},
@@ -109,9 +118,7 @@ async def main():
             "config": {  # mem0's default store
                 "path": os.path.join(work, "qdrant"),
                 "collection_name": "peer",
-                "embedding_model_dims": json.load(
-                    open(os.path.join(job["model_path"], "1_Pooling", "config.json"))
-                )["word_embedding_dimension"],
+                "embedding_model_dims": DIMS,
             },
         },
         "llm": {
@@ -163,7 +170,7 @@ async def main():
 
     mem.close()
     mem.vector_store.client.close()
-    out = {
+    return {
         "system": "mem0 AsyncMemory" if ASYNC else "mem0 Memory",
         "version": mem0.__version__,
         "write_ms": write_ms,
@@ -177,9 +184,7 @@ async def main():
         "threads": job.get("threads"),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    with open(args[1], "w") as f:
-        json.dump(out, f)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    Path(args[1]).write_text(json.dumps(asyncio.run(main())))

@@ -364,9 +364,13 @@ class LlamaChat:
         return llama, _make_formatter(llama, self.path), print_
 
     def _close(self, loaded: tuple[Any, Any, str]) -> None:
-        """Blocking: the model freed; its live context holds no session's state now."""
+        """Blocking: the model freed (and its own thread, made again on a next load); its
+        live context holds no session's state now."""
         self._live = None
         loaded[0].close()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)  # idle: no call holds the model
+            self._thread = None
 
     def _complete(
         self,

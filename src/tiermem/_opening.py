@@ -41,8 +41,13 @@ class HeuristicTokenCounter:
 FIXED_AT_OPEN = (
     "embedding_model",
     "embedding_batch_size",
+    "embedding_backend",
+    "embedding_threads",
+    "model_cache_dir",
     "llm_model_path",
     "llm_threads",
+    "llm_idle_unload_seconds",
+    "summarizer_nice",
     "summarizer_enabled",
     "summarizer_context_tokens",
     "summary_timeout_seconds",
