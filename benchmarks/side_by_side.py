@@ -177,6 +177,11 @@ async def tiermem_worker(job: dict[str, Any], summarizer: bool) -> dict[str, Any
 # --- the driver -----------------------------------------------------------------------
 
 
+def family_of(name: str) -> str:
+    """tiermem or mem0: the systems of one family share the big store."""
+    return name.split()[0].strip(",")
+
+
 def run_worker(command: list[str], job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
@@ -234,7 +239,7 @@ def main(args: argparse.Namespace) -> None:
     # searched (so the big rows' RSS is a searching process's)
     filled: dict[str, dict[str, Any]] = {}
     for name, command in systems.items():
-        family = name.split()[0]
+        family = family_of(name)
         if family not in filled:
             (root / family).mkdir()
             out = run_worker(command, big | {"questions": []}, root / family)
@@ -249,7 +254,7 @@ def main(args: argparse.Namespace) -> None:
             small_dir = root / f"small-{n}-{len(row)}"
             small_dir.mkdir()
             small_out = run_worker(systems[name], small, small_dir)
-            big_out = run_worker(systems[name], big | {"fill": []}, root / name.split()[0])
+            big_out = run_worker(systems[name], big | {"fill": []}, root / family_of(name))
             row[name] = figures(small_out, big_out, small["questions"])
             rounded = {k: round(v, 3) for k, v in row[name].items()}
             print(f"round {n + 1} {name}: {json.dumps(rounded)}", flush=True)
@@ -282,7 +287,7 @@ def table(rounds: list[dict[str, dict[str, float]]], filled: dict[str, dict[str,
                 ratios = [r[n][figure] / r[peer][figure] for r in rounds if r[peer][figure]]
                 line += f" {statistics.median(ratios):.2f}x |" if ratios else " - |"
         lines.append(line)
-    fills = " | ".join(f"{filled[n.split()[0]]['fill_s']:.0f}" for n in names)
+    fills = " | ".join(f"{filled[family_of(n)]['fill_s']:.0f}" for n in names)
     lines.append(f"| fill to the big size, s (once, bulk) | {fills} |")
     return "\n".join(lines)
 

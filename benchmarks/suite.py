@@ -2,7 +2,8 @@
 
 - turns: `process_conversation` p50/p95 without a clear (plain statements, and questions
   that retrieve), and with a clear; the background summarizer's time shown apart. Floor:
-  the bare sentence-transformers model embedding one message.
+  the bare embedding model (as the default backend runs it, outside tiermem) embedding
+  one message.
 - ingest: messages/s through `ingest` (embeddings included). Floors: the bare model
   embedding the same texts in batches, and a raw SQLite insert of the same rows.
 - retrieval: `retrieve_context` p50/p95 at 1k and 10k messages (100k with --full). Floor:
@@ -23,7 +24,7 @@ import json
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +35,12 @@ import pysqlite3 as sqlite3
 from common import pct, write_results
 from retrieval_eval import FIXTURE
 from retrieval_latency import Corpus, RandomEmbedder, fill
-from sentence_transformers import SentenceTransformer
 
 import tiermem
 from tiermem._embedder import SentenceTransformerEmbedder, bundled_model_path
+from tiermem._onnx import OnnxEncoder, cached_export, default_cache_dir
+
+Encode = Callable[[list[str]], np.ndarray]
 
 
 @dataclass
@@ -89,7 +92,7 @@ def chat_turns(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-async def turns(model: SentenceTransformer, n: int, summaries: bool) -> list[Row]:
+async def turns(model: Encode, n: int, summaries: bool) -> list[Row]:
     """Turns back to back, each timed right after the bare model embeds its user message
     (the floor), so both see the same machine. Without summaries this is the turn's own
     path; with them (the default config) the GGUF model writes each clear's summary in the
@@ -106,7 +109,7 @@ async def turns(model: SentenceTransformer, n: int, summaries: bool) -> list[Row
             await mgr.process_conversation("warm", [tiermem.Message("user", "warm up?")])
             for user, reply in chat_turns(n):
                 with stopwatch() as ms:
-                    model.encode([user])
+                    model([user])
                 one.extend(ms)
                 msgs = [tiermem.Message("user", user), tiermem.Message("assistant", reply)]
                 with stopwatch() as ms:
@@ -159,7 +162,7 @@ def raw_insert(db: Path, texts: list[str], vectors: np.ndarray) -> float:
     return ms
 
 
-async def ingest(model: SentenceTransformer, n: int, corpus: Corpus) -> list[Row]:
+async def ingest(model: Encode, n: int, corpus: Corpus) -> list[Row]:
     """`ingest` of `n` messages in chunks of 500, each chunk right after the bare model
     embeds the same texts (the floor), so both see the same machine."""
     texts = corpus.texts(n)
@@ -175,7 +178,7 @@ async def ingest(model: SentenceTransformer, n: int, corpus: Corpus) -> list[Row
             for start in range(0, n, 500):
                 chunk = slice(start, start + 500)
                 with stopwatch() as floor:
-                    vectors.append(model.encode(texts[chunk], batch_size=64))
+                    vectors.append(model(texts[chunk]))
                 with stopwatch() as ms:
                     await mgr.ingest("bulk", msgs[chunk])
                 embed_ms, ingest_ms = embed_ms + floor[0], ingest_ms + ms[0]
@@ -190,7 +193,7 @@ async def ingest(model: SentenceTransformer, n: int, corpus: Corpus) -> list[Row
     ]  # fmt: skip
 
 
-async def retrieval(model: SentenceTransformer, sizes: list[int], queries: int) -> list[Row]:
+async def retrieval(model: Encode, sizes: list[int], queries: int) -> list[Row]:
     rows = []
     corpus = Corpus()
     questions = corpus.queries(queries)
@@ -203,7 +206,7 @@ async def retrieval(model: SentenceTransformer, sizes: list[int], queries: int) 
             floor: list[float] = []
             for q in questions:
                 with stopwatch() as ms:
-                    scores = matrix @ model.encode([q], normalize_embeddings=True)[0]
+                    scores = matrix @ model([q])[0]
                     top = np.argpartition(-scores, 10)[:10]
                     top = top[np.argsort(-scores[top])]  # best first, as a search returns them
                 floor.extend(ms)
@@ -273,9 +276,19 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def bare_model() -> Encode:
+    """The bundled model as the default backend runs it, without tiermem around it: the
+    floors' embedder (the export tiermem made, from its cache)."""
+    config = tiermem.KVCacheConfig()
+    path = bundled_model_path()
+    int8 = config.embedding_backend == "onnx-int8"
+    graph = cached_export(path, default_cache_dir(), int8, path.parent.name)
+    return OnnxEncoder(path, graph, config.embedding_threads).encode
+
+
 def main(args: argparse.Namespace) -> None:
-    model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
-    model.encode(["warm up"])
+    model = bare_model()
+    model(["warm up"])
     corpus = Corpus(seed=3)
     sizes = [1_000, 10_000] + ([100_000] if args.full else [])
     rows: list[Row] = []
