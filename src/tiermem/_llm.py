@@ -296,8 +296,15 @@ class LlamaChat:
             self._thread = ThreadPoolExecutor(
                 1, "tiermem-llm", initializer=_lower_priority, initargs=(self._nice,)
             )
-        future = self._thread.submit(self._complete, *args)
-        return await anyio.to_thread.run_sync(future.result, limiter=self._limiter)
+        thread = self._thread
+
+        def handed_over() -> tuple[str, int]:
+            # submitted from the worker that holds the limiter, so a caller cancelled
+            # while it waits submits nothing, and one that got this far waits for the end
+            # (the model stays in use, never closed under the generation)
+            return thread.submit(self._complete, *args).result()
+
+        return await anyio.to_thread.run_sync(handed_over, limiter=self._limiter)
 
     async def forget(self, session: StateKey) -> None:
         """Drop the session's kept state from every tier, and from the live context if it
@@ -367,10 +374,10 @@ class LlamaChat:
         """Blocking: the model freed (and its own thread, made again on a next load); its
         live context holds no session's state now."""
         self._live = None
-        loaded[0].close()
         if self._thread is not None:
             self._thread.shutdown(wait=True)  # idle: no call holds the model
             self._thread = None
+        loaded[0].close()
 
     def _complete(
         self,

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def cached_export(model_dir: Path, cache_dir: Path, int8: bool, name: str) -> Pa
             f"cannot create the model cache folder {cache_dir} ({exc}): set model_cache_dir "
             "to a writable folder, or embedding_backend='sentence-transformers'"
         ) from exc
-    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+    partial = target.with_name(f"{target.name}.{uuid.uuid4().hex}.part")  # this export's
     command = [sys.executable, "-m", "tiermem._onnx", str(model_dir), str(partial)]
     try:
         done = subprocess.run(
@@ -72,6 +73,8 @@ def cached_export(model_dir: Path, cache_dir: Path, int8: bool, name: str) -> Pa
             check=False,
         )
         if done.returncode != 0:
+            if target.is_file():  # another process's export of the same model won
+                return target
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise ModelError(f"exporting {model_dir} to ONNX failed: {' / '.join(tail)}")
         os.replace(partial.with_suffix(".json"), target.with_suffix(".json"))
@@ -79,7 +82,8 @@ def cached_export(model_dir: Path, cache_dir: Path, int8: bool, name: str) -> Pa
     except (OSError, subprocess.SubprocessError) as exc:
         raise ModelError(f"exporting {model_dir} to ONNX failed: {exc}") from exc
     finally:
-        for leftover in (partial, partial.with_suffix(".json")):
+        float_graph = partial.with_name(partial.name + ".float")  # of an int8 export
+        for leftover in (partial, partial.with_suffix(".json"), float_graph):
             leftover.unlink(missing_ok=True)
     return target
 
@@ -97,9 +101,13 @@ class OnnxEncoder:
     """A model's tokenizer and exported graph: texts in, normalised float32 vectors out."""
 
     def __init__(self, model_dir: Path, graph: Path, threads: int) -> None:
-        import onnxruntime
-        from tokenizers import Tokenizer
-
+        try:
+            import onnxruntime
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise ModelError(
+                f"the ONNX embedding backend needs onnxruntime and tokenizers: {exc}"
+            ) from exc
         try:
             self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
             options = onnxruntime.SessionOptions()
@@ -123,7 +131,10 @@ class OnnxEncoder:
         """The texts' vectors, run in runs of similar length: less padding, and a run's
         attention scores (rows x heads x width^2 floats) kept under `ATTENTION_CELLS`, so
         a batch of long texts does not take hundreds of MB at once."""
-        encodings = self._tokenizer.encode_batch(list(texts))
+        try:
+            encodings = self._tokenizer.encode_batch(list(texts))
+        except Exception as exc:  # tokenizers raises its own untyped errors
+            raise ModelError(f"tokenizing for the embedding failed: {exc}") from exc
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         runs = []
         start = 0

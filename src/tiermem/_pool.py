@@ -12,6 +12,7 @@ summarizer's LLM between bursts of clears), and loads again on its next use.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,8 @@ import anyio
 import anyio.to_thread
 
 from ._errors import BudgetError, ModelError
+
+log = logging.getLogger("tiermem._pool")
 
 
 @dataclass(slots=True)
@@ -176,11 +179,14 @@ class ModelPool:
         task.add_done_callback(self._idle_tasks.discard)
 
     async def _unload_idle(self, slot: _Slot) -> None:
-        async with slot.load_lock, self._lock:  # not while it loads or is used
-            unused = time.monotonic() - slot.last_used >= (slot.idle_seconds or 0.0) * 0.99
-            if unused and slot.loaded and not slot.references and not slot.retired:
-                await self._close(slot)
-                self.idle_unloads += 1
+        try:
+            async with slot.load_lock, self._lock:  # not while it loads or is used
+                unused = time.monotonic() - slot.last_used >= (slot.idle_seconds or 0.0) * 0.99
+                if unused and slot.loaded and not slot.references and not slot.retired:
+                    await self._close(slot)
+                    self.idle_unloads += 1
+        except Exception as exc:  # no caller to raise to: the model stays as it is
+            log.warning("unloading idle model %r failed: %s", slot.name, exc)
 
     async def _make_room(self, incoming: _Slot) -> None:
         """Unload idle models, least recently used first, until `incoming` fits."""
