@@ -178,7 +178,8 @@ class KVCacheConfig(_Model):
     # float ones ("onnx": the model's own vectors, ~1.5x faster), or torch itself
     # ("sentence-transformers")
     embedding_backend: Literal["onnx-int8", "onnx", "sentence-transformers"] = "onnx-int8"
-    embedding_threads: int = Field(default=1, ge=1, le=256)
+    # onnxruntime's threads (None: two, or one on a one-core machine)
+    embedding_threads: int | None = Field(default=None, ge=1, le=256)
     # the ONNX exports' folder (default: $XDG_CACHE_HOME/tiermem or ~/.cache/tiermem)
     model_cache_dir: str | None = None
     llm_model_path: str | None = None

@@ -173,7 +173,7 @@ class OnnxEmbedder(_PooledEmbedder):
         *,
         cache_dir: str | Path | None = None,
         int8: bool = False,
-        threads: int = 1,
+        threads: int | None = None,
     ) -> None:
         super().__init__(model_path, batch_size, pool)
         self._cache_dir = Path(cache_dir) if cache_dir else None
