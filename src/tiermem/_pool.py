@@ -71,8 +71,9 @@ class ModelPool:
         """Make a model known to the pool (nothing is loaded yet)."""
         if name in self._slots:
             raise ModelError(f"a model named {name!r} is already registered")
-        slot = _Slot(name, loader, closer, max(0, int(size_bytes)), idle_seconds=idle_seconds)
-        self._slots[name] = slot
+        self._slots[name] = _Slot(
+            name, loader, closer, max(0, int(size_bytes)), idle_seconds=idle_seconds
+        )
 
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[Any]:
